@@ -1,0 +1,29 @@
+# make demo: create .venv, install the project, rewrite a built-in model and print the result.
+# make test: create or reuse .venv and run the test suite (CPU; Triton kernels run interpreted).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the CPU build this machine's pip finds on disk; Triton for its interpreter.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rewrite demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/approx_bp.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,39 @@
+"""rewrite: compiler-style graph rewriting for PyTorch models.
+
+    from rewrite import optimize
+    m = optimize(model, passes=["approx_bp"], example_inputs=(x,))
+    m(x).sum().backward()          # trains like the original
+    print(m.report)                # what changed, what it measured
+    rewrite.save(m, "model.pt2")   # loads back with rewrite.load after `import rewrite`
+"""
+
+from rewrite import ops  # registers torch.ops.rewrite.* (needed to load rewritten .pt2 files)
+from rewrite.api import optimize
+from rewrite.capture import capture
+from rewrite.errors import CaptureError, CheckpointError, OptionError, PassError, RewriteError
+from rewrite.module import RewrittenModule
+from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option, pass_names, register_pass
+from rewrite.pass_manager import PassManager
+from rewrite.report import Report
+
+__all__ = [
+    "CaptureError",
+    "Change",
+    "CheckpointError",
+    "OptionError",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "Report",
+    "RewriteError",
+    "RewrittenModule",
+    "Skip",
+    "capture",
+    "ops",
+    "optimize",
+    "option",
+    "pass_names",
+    "register_pass",
+]

@@ -1,0 +1,197 @@
+"""Capture: nn.Module + example inputs -> ATen-level GraphModule through torch.export.
+
+Non-strict export runs the model's Python as written, so anything the model does with
+Python values is fixed at capture (branches on ``self.training`` included); the mode asked
+for is the one recorded. The batch dimension (dim 0 of every tensor input) is captured as
+dynamic where torch.export can keep it so (``torch.export.Dim.AUTO``), so the returned
+module takes other batch sizes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from rewrite.errors import CaptureError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OUR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STDLIB_DIR = os.path.dirname(contextlib.__file__)
+MODES = ("train", "eval")
+
+
+@dataclass
+class Capture:
+    """What capture produced, and what it assumed."""
+
+    graph_module: fx.GraphModule
+    example_args: tuple
+    example_kwargs: dict
+    mode: str
+    dynamic_shapes: Any
+    dynamic_inputs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def normalize_inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        raise CaptureError("example_inputs is required: the inputs the model is called with, e.g. (x,)")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise CaptureError(
+            f"example_inputs must be a tensor or a tuple of inputs, not {type(example_inputs).__name__}"
+        )
+    example_kwargs = dict(example_kwargs or {})
+    return example_inputs, example_kwargs
+
+
+def _batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """{argument name: spec} marking dim 0 of every tensor as Dim.AUTO, or None when the
+    forward signature cannot be bound to the inputs."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+
+    def spec(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return {0: torch.export.Dim.AUTO}
+        return None
+
+    shapes = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(pytree.tree_map(spec, v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
+        else:
+            shapes[name] = pytree.tree_map(spec, value)
+    return shapes
+
+
+@contextlib.contextmanager
+def quiet():
+    """torch.export logs and prints partial graphs while failing; the user gets our message."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch._dynamo", "torch.fx", "torch._export", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def user_frame(exc: BaseException) -> str:
+    """'file.py:42: code' of the innermost frame of the user's code in the traceback, or ''."""
+    found = ""
+    while exc is not None:
+        for frame in traceback.extract_tb(exc.__traceback__):
+            path = os.path.abspath(frame.filename)
+            if path.startswith((_TORCH_DIR, _OUR_DIR, _STDLIB_DIR)) or frame.filename.startswith("<"):
+                continue
+            found = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def _short_message(exc: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _hint(exc: BaseException) -> str:
+    name = type(exc).__name__
+    text = str(exc)
+    if "data-dependent" in text or "DataDependent" in name:
+        return (
+            "The model branches on the values of a tensor (data-dependent control flow), which a graph "
+            "cannot record; compute the condition outside forward, or use torch.cond."
+        )
+    if "Unsupported" in name:
+        return "torch.export does not support a Python construct the model uses."
+    return "torch.export could not trace the model."
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs,
+    example_kwargs: dict | None = None,
+    *,
+    mode: str | None = None,
+    dynamic_batch: bool = True,
+) -> Capture:
+    """Capture ``model`` called as ``model(*example_inputs, **example_kwargs)`` in ``mode``
+    ("train" or "eval"; default: the model's current mode). The model is left as it was."""
+    import time
+
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    if mode is None:
+        mode = "train" if model.training else "eval"
+    if mode not in MODES:
+        raise CaptureError(f"mode must be 'train' or 'eval', not {mode!r}")
+    dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
+    notes = []
+    if dynamic_batch and dynamic_shapes is None:
+        notes.append("the forward signature could not be bound to the inputs: all shapes are static")
+
+    was_training = {m: m.training for m in model.modules()}
+    start = time.perf_counter()
+    try:
+        model.train(mode == "train")
+        with quiet():
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            graph_module = exported.module()
+    except Exception as exc:
+        where = user_frame(exc)
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: {_short_message(exc)}"
+            + (f" (at {where})" if where else "")
+            + f". {_hint(exc)}"
+        ) from exc
+    finally:
+        for m, training in was_training.items():
+            m.training = training
+
+    dynamic_inputs = []
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and isinstance(val.shape[0], torch.SymInt):
+            dynamic_inputs.append(node.name)
+    if dynamic_batch and dynamic_shapes is not None:
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+        if len(dynamic_inputs) < len(tensors):
+            notes.append(
+                "torch.export kept the batch size of some inputs static (a batch of 1 is always "
+                "specialised; pass at least 2 for a dynamic batch)"
+            )
+    return Capture(
+        graph_module=graph_module,
+        example_args=args,
+        example_kwargs=kwargs,
+        mode=mode,
+        dynamic_shapes=dynamic_shapes,
+        dynamic_inputs=dynamic_inputs,
+        notes=notes,
+        seconds=time.perf_counter() - start,
+    )

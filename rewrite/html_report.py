@@ -1,0 +1,232 @@
+"""The HTML report: one self-contained file (inline CSS and SVG, no scripts, nothing fetched)
+that opens offline. Per pass: the figures it measured, a chart of activation memory per
+module before and after, what changed and what was left alone, and the graph code before
+and after side by side with the changes highlighted."""
+
+from __future__ import annotations
+
+import html
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+from rewrite.diff import diff_rows
+from rewrite.report import PassReport, Report, format_bytes
+from rewrite.serialize import atomic_write
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330; margin: 0; background: #f5f6f8; }
+header { background: #1d2330; color: #fff; padding: 18px 28px; }
+header h1 { margin: 0 0 4px; font-size: 20px; }
+header p { margin: 0; color: #c5cad6; }
+main { padding: 8px 28px 40px; max-width: 1500px; }
+section { background: #fff; border: 1px solid #dde1e8; border-radius: 8px; padding: 16px 20px; margin: 18px 0; }
+h2 { margin: 0 0 10px; font-size: 18px; }
+h3 { margin: 18px 0 8px; font-size: 15px; }
+.badge { display: inline-block; font-size: 12px; padding: 1px 8px; border-radius: 10px; background: #e6ecf7; color: #2c4a80; margin-left: 6px; vertical-align: middle; }
+.badge.approx { background: #fbeedd; color: #8a4b08; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { border: 1px solid #dde1e8; border-radius: 6px; padding: 8px 14px; min-width: 170px; }
+.card .k { font-size: 12px; color: #5b6478; }
+.card .v { font-size: 18px; font-weight: 600; }
+.good { color: #17803d; } .bad { color: #b42318; }
+table.list { border-collapse: collapse; width: 100%; font-size: 13px; }
+table.list th, table.list td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #eceef2; vertical-align: top; }
+table.list th { background: #f0f2f6; }
+code, pre { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+table.diff { border-collapse: collapse; width: 100%; table-layout: fixed; }
+table.diff td { padding: 0 6px; vertical-align: top; white-space: pre-wrap; word-break: break-all; font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+table.diff td.n { width: 34px; color: #8a93a6; text-align: right; user-select: none; }
+table.diff th { text-align: left; background: #f0f2f6; padding: 4px 6px; }
+td.del { background: #fde8e7; } td.ins { background: #e3f6e8; } td.rep-l { background: #fdf1e4; } td.rep-r { background: #e6f2fb; }
+tr.fold td { color: #8a93a6; background: #fafbfc; font-style: italic; }
+.legend span { display: inline-block; margin-right: 16px; font-size: 12px; }
+.swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 4px; vertical-align: -1px; }
+.muted { color: #5b6478; }
+"""
+
+_BEFORE_COLOR = "#9aa3b5"
+_AFTER_COLOR = "#2f6fdf"
+_MAX_CHART_ROWS = 40
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _module_groups(by_module: dict[str, int], depth: int | None) -> OrderedDict:
+    grouped: OrderedDict[str, int] = OrderedDict()
+    for path, nbytes in by_module.items():
+        key = path if depth is None or path == "(top)" else ".".join(path.split(".")[:depth])
+        grouped[key] = grouped.get(key, 0) + nbytes
+    return grouped
+
+
+def _chart_rows(p: PassReport) -> list[tuple[str, int, int]] | None:
+    n = p.numerics
+    if n is None or n.saved_before is None or p.before is None or p.after is None:
+        return None
+    before = n.saved_before.by_module(p.before.graph)
+    after = n.saved_after.by_module(p.after.graph)
+    keys = list(OrderedDict.fromkeys([*before, *after]))
+    depth = None
+    max_depth = max((k.count(".") + 1 for k in keys), default=1)
+    while len(keys) > _MAX_CHART_ROWS and (depth or max_depth) > 1:
+        depth = (depth or max_depth) - 1
+        keys = list(OrderedDict.fromkeys([*_module_groups(before, depth), *_module_groups(after, depth)]))
+    b, a = _module_groups(before, depth), _module_groups(after, depth)
+    return [(k, b.get(k, 0), a.get(k, 0)) for k in keys if b.get(k, 0) or a.get(k, 0)]
+
+
+def memory_chart_svg(rows: list[tuple[str, int, int]]) -> str:
+    """Horizontal bars: bytes saved for backward per module, before (grey) and after (blue)."""
+    if not rows:
+        return "<p class='muted'>Nothing was saved for backward.</p>"
+    label_w, bar_w, value_w, row_h = 260, 520, 250, 30
+    top = 8
+    height = top + row_h * len(rows) + 8
+    width = label_w + bar_w + value_w
+    peak = max(max(b, a) for _, b, a in rows) or 1
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="activation memory per module" font-family="system-ui, sans-serif" font-size="12">'
+    ]
+    for i, (name, before, after) in enumerate(rows):
+        y = top + i * row_h
+        label = name if len(name) <= 38 else "…" + name[-37:]
+        parts.append(f'<text x="{label_w - 8}" y="{y + 17}" text-anchor="end" fill="#1d2330">{_e(label)}</text>')
+        wb, wa = bar_w * before / peak, bar_w * after / peak
+        parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{wb:.1f}" height="11" fill="{_BEFORE_COLOR}"><title>before: {format_bytes(before)}</title></rect>')
+        parts.append(f'<rect x="{label_w}" y="{y + 15}" width="{wa:.1f}" height="11" fill="{_AFTER_COLOR}"><title>after: {format_bytes(after)}</title></rect>')
+        change = f" ({(after - before) / before:+.0%})" if before else ""
+        parts.append(
+            f'<text x="{label_w + bar_w + 8}" y="{y + 17}" fill="#1d2330">{format_bytes(before)} → {format_bytes(after)}{_e(change)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _cards(p: PassReport) -> str:
+    cards = [("changed", str(len(p.changes)), ""), ("left alone", str(len(p.skipped)), "")]
+    if p.activation_bytes is not None:
+        b, a = p.activation_bytes
+        change = (a - b) / b if b else 0.0
+        cards.append(("saved for backward", f"{format_bytes(b)} → {format_bytes(a)}", ""))
+        cards.append(("activation memory", f"{change:+.1%}", "good" if change < 0 else ("bad" if change > 0 else "")))
+    n = p.numerics
+    if n is not None and n.outputs:
+        worst = n.worst(n.outputs)
+        cards.append(("output error (relative)", f"{worst.rel:.2g}", "good" if n.forward_within_rounding else "bad"))
+    if n is not None and n.grad_rel_error is not None:
+        cls = "good" if n.backward_within_rounding else ""
+        cards.append(("gradient error (relative)", f"{n.grad_rel_error:.3g}", cls))
+        cards.append(("gradient cosine", f"{n.grad_cosine:.5f}", cls))
+    cards.append(("time", f"{p.seconds:.2f} s", ""))
+    return "<div class='cards'>" + "".join(
+        f"<div class='card'><div class='k'>{_e(k)}</div><div class='v {c}'>{_e(v)}</div></div>" for k, v, c in cards
+    ) + "</div>"
+
+
+def _changes_table(p: PassReport) -> str:
+    parts = []
+    if p.changes:
+        rows = "".join(
+            f"<tr><td><code>{_e(c.node)}</code></td><td>{_e(c.where)}</td><td><code>{_e(c.before)}</code> → "
+            f"<code>{_e(c.after)}</code></td><td>{_e(c.detail)}</td></tr>"
+            for c in p.changes
+        )
+        parts.append(
+            f"<h3>What changed ({len(p.changes)})</h3><table class='list'><tr><th>node</th><th>module</th>"
+            f"<th>rewrite</th><th>detail</th></tr>{rows}</table>"
+        )
+    else:
+        parts.append("<h3>What changed</h3><p class='muted'>Nothing: the pass found nothing to rewrite.</p>")
+    if p.skipped:
+        rows = "".join(
+            f"<tr><td><code>{_e(s.node)}</code></td><td>{_e(s.where)}</td><td><code>{_e(s.op)}</code></td><td>{_e(s.reason)}</td></tr>"
+            for s in p.skipped
+        )
+        parts.append(
+            f"<h3>Left alone ({len(p.skipped)})</h3><table class='list'><tr><th>node</th><th>module</th>"
+            f"<th>op</th><th>why</th></tr>{rows}</table>"
+        )
+    if p.figures:
+        rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in p.figures.items())
+        parts.append(f"<h3>Figures</h3><table class='list'>{rows}</table>")
+    return "".join(parts)
+
+
+def _diff_table(p: PassReport, context: int = 4) -> str:
+    if p.before is None or p.after is None:
+        return ""
+    rows = diff_rows(p.before, p.after)
+    changed = [i for i, r in enumerate(rows) if r.tag != "equal"]
+    keep = {j for i in changed for j in range(i - context, i + context + 1)}
+    out, ln, rn, hidden = [], 0, 0, 0
+    for i, r in enumerate(rows):
+        ln += r.left is not None
+        rn += r.right is not None
+        if i not in keep:
+            hidden += 1
+            continue
+        if hidden:
+            out.append(f"<tr class='fold'><td class='n'></td><td colspan='3'>… {hidden} unchanged lines …</td></tr>")
+            hidden = 0
+        lc, rc = {"equal": ("", ""), "delete": ("del", ""), "insert": ("", "ins"), "replace": ("rep-l", "rep-r")}[r.tag]
+        out.append(
+            f"<tr><td class='n'>{ln if r.left is not None else ''}</td><td class='{lc}'>{_e(r.left or '')}</td>"
+            f"<td class='n'>{rn if r.right is not None else ''}</td><td class='{rc}'>{_e(r.right or '')}</td></tr>"
+        )
+    if hidden:
+        out.append(f"<tr class='fold'><td class='n'></td><td colspan='3'>… {hidden} unchanged lines …</td></tr>")
+    legend = (
+        "<p class='legend'><span><i class='swatch' style='background:#fde8e7'></i>removed</span>"
+        "<span><i class='swatch' style='background:#e3f6e8'></i>added</span>"
+        "<span><i class='swatch' style='background:#fdf1e4'></i><i class='swatch' style='background:#e6f2fb'></i>changed</span></p>"
+    )
+    return (
+        f"<h3>Graph before and after</h3>{legend}<table class='diff'><colgroup><col style='width:40px'><col>"
+        "<col style='width:40px'><col></colgroup><tr><th></th><th>before</th><th></th><th>after</th></tr>"
+        + "".join(out)
+        + "</table>"
+    )
+
+
+def _pass_section(p: PassReport) -> str:
+    approx = "" if p.exact_forward and p.exact_backward else " approx"
+    chart_rows = _chart_rows(p)
+    chart = ""
+    if chart_rows is not None:
+        chart = (
+            "<h3>Activation memory saved for backward, per module</h3>"
+            f"<p class='legend'><span><i class='swatch' style='background:{_BEFORE_COLOR}'></i>before</span>"
+            f"<span><i class='swatch' style='background:{_AFTER_COLOR}'></i>after</span>"
+            "<span class='muted'>measured on the example inputs; a storage saved twice counts once</span></p>"
+            + memory_chart_svg(chart_rows)
+        )
+    return (
+        f"<section><h2>pass <code>{_e(p.spec)}</code><span class='badge{approx}'>{_e(p.kind())}</span></h2>"
+        + _cards(p)
+        + chart
+        + _changes_table(p)
+        + _diff_table(p)
+        + "</section>"
+    )
+
+
+def render_html(report: Report) -> str:
+    dynamic = ", ".join(report.dynamic_inputs) or "none"
+    notes = "".join(f"<p class='muted'>note: {_e(n)}</p>" for n in report.notes)
+    summary = "; ".join(f"{p.spec}: {len(p.changes)} changed" for p in report.passes) or "no passes"
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>rewrite report: {_e(report.model)}</title><style>{_CSS}</style></head><body>"
+        f"<header><h1>rewrite report: {_e(report.model)}</h1>"
+        f"<p>captured in {_e(report.mode)} mode in {report.capture_seconds:.2f} s · dynamic batch: {_e(dynamic)} · {_e(summary)}</p></header>"
+        f"<main>{notes}{''.join(_pass_section(p) for p in report.passes)}</main></body></html>"
+    )
+
+
+def write_html(report: Report, path: str | os.PathLike) -> Path:
+    """Write the report to ``path`` (through a temporary file renamed into place)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(render_html(report), encoding="utf-8"))

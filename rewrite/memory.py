@@ -1,0 +1,98 @@
+"""Activation memory, measured: the bytes of the distinct storages autograd saves for the
+backward, recorded with ``torch.autograd.graph.saved_tensors_hooks``.
+
+A storage saved twice (a norm's output that the next linear also saves) counts once, for the
+node that saved it first. Parameters and buffers are not activations and are left out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+
+from rewrite.graph import module_path
+
+
+@dataclass
+class SavedActivations:
+    """Bytes autograd saved during one forward, in total and per source."""
+
+    total_bytes: int = 0
+    by_source: dict[str, int] = field(default_factory=dict)  # node name (or "?") -> bytes
+
+    def by_module(self, graph: fx.Graph) -> dict[str, int]:
+        """Bytes per module path ('' is the root), in graph order."""
+        paths = {n.name: module_path(n) or "(top)" for n in graph.nodes}
+        grouped: dict[str, int] = defaultdict(int)
+        for node in graph.nodes:
+            if node.name in self.by_source:
+                grouped[paths[node.name]] += self.by_source[node.name]
+        return dict(grouped)
+
+
+class _SavedRecorder:
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.seen: set[int] = set()
+        self.result = SavedActivations()
+        self.source = "?"
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key and key not in self.exclude and key not in self.seen:
+            self.seen.add(key)
+            nbytes = storage.nbytes()
+            self.result.total_bytes += nbytes
+            self.result.by_source[self.source] = self.result.by_source.get(self.source, 0) + nbytes
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def _state_pointers(module: torch.nn.Module) -> set[int]:
+    tensors = [*module.parameters(), *module.buffers()]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+@contextmanager
+def record_saved(module: torch.nn.Module):
+    """Record what autograd saves inside the block (any callable, not only graphs)."""
+    recorder = _SavedRecorder(_state_pointers(module))
+    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+        yield recorder.result
+
+
+class _AttributingInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, recorder: _SavedRecorder):
+        super().__init__(gm)
+        self.recorder = recorder
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.recorder.source = n.name
+        return super().run_node(n)
+
+
+def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholder values for a call ``gm(*args, **kwargs)``."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return [*args, *kwargs.values()]
+    return fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec)
+
+
+def run_recording_saved(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[Any, SavedActivations]:
+    """Run ``gm`` once, attributing every storage autograd saves to the node that saved it."""
+    recorder = _SavedRecorder(_state_pointers(gm))
+    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+        out = _AttributingInterpreter(gm, recorder).run(*flatten_inputs(gm, args, kwargs))
+    return gm.graph._codegen.process_outputs(out), recorder.result

@@ -1,0 +1,171 @@
+"""The report of a rewrite: what capture assumed, and per pass what it changed, what it left
+alone and why, what it measured (activation memory, numerics) and how long it took.
+
+``str(report)`` is the text a person reads; ``report.to_dict()`` is JSON (saved inside the
+.pt2 the CLI writes); the graphs before/after each pass are kept for inspection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from rewrite.pass_infra import PassResult
+from rewrite.verify import Numerics
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@dataclass
+class PassReport:
+    name: str
+    spec: str
+    options: dict[str, Any]
+    exact_forward: bool
+    exact_backward: bool
+    result: PassResult
+    numerics: Numerics | None
+    seconds: float
+    before: fx.GraphModule | None = field(default=None, repr=False)
+    after: fx.GraphModule | None = field(default=None, repr=False)
+
+    @property
+    def changes(self):
+        return self.result.changes
+
+    @property
+    def skipped(self):
+        return self.result.skipped
+
+    @property
+    def figures(self) -> dict[str, Any]:
+        return self.result.figures
+
+    @property
+    def activation_bytes(self) -> tuple[int, int] | None:
+        """Bytes saved for backward before and after the pass, measured on the example inputs."""
+        n = self.numerics
+        if n is None or n.saved_before is None or n.saved_after is None:
+            return None
+        return n.saved_before.total_bytes, n.saved_after.total_bytes
+
+    def kind(self) -> str:
+        if self.exact_forward and self.exact_backward:
+            return "exact"
+        if self.exact_forward:
+            return "exact forward, approximate backward"
+        return "approximate"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "spec": self.spec,
+            "options": self.options,
+            "kind": self.kind(),
+            "seconds": round(self.seconds, 4),
+            "changes": [asdict(c) for c in self.changes],
+            "skipped": [asdict(s) for s in self.skipped],
+            "figures": self.figures,
+        }
+        n = self.numerics
+        if n is not None:
+            out["numerics"] = {
+                "output_rel_error": _finite(n.output_rel_error),
+                "grad_rel_error": _finite(n.grad_rel_error),
+                "grad_cosine": _finite(n.grad_cosine),
+                "outputs": [{"name": e.name, "rel": _finite(e.rel), "max_abs": _finite(e.max_abs)} for e in n.outputs],
+                "grads": [{"name": e.name, "rel": _finite(e.rel), "max_abs": _finite(e.max_abs)} for e in n.grads],
+            }
+            if self.activation_bytes is not None:
+                out["numerics"]["activation_bytes_before"], out["numerics"]["activation_bytes_after"] = self.activation_bytes
+        return out
+
+    def text(self) -> str:
+        lines = [f"pass {self.spec}: {self.kind()}, {self.seconds:.2f} s"]
+        if self.changes:
+            lines.append(f"  changed {len(self.changes)}:")
+            width = max(len(c.node) for c in self.changes)
+            for c in self.changes:
+                where = f"  [{c.where}]" if c.where else ""
+                detail = f"  ({c.detail})" if c.detail else ""
+                lines.append(f"    {c.node:<{width}}  {c.before} -> {c.after}{where}{detail}")
+        else:
+            lines.append("  changed nothing")
+        if self.skipped:
+            lines.append(f"  left alone {len(self.skipped)}:")
+            for s in self.skipped:
+                where = f" [{s.where}]" if s.where else ""
+                lines.append(f"    {s.node} ({s.op}){where}: {s.reason}")
+        for key, value in self.figures.items():
+            lines.append(f"  {key.replace('_', ' ')}: {value}")
+        if self.activation_bytes is not None:
+            b, a = self.activation_bytes
+            change = f" ({(a - b) / b:+.1%})" if b else ""
+            lines.append(f"  activation memory saved for backward: {format_bytes(b)} -> {format_bytes(a)}{change}")
+        n = self.numerics
+        if n is not None:
+            if n.outputs:
+                worst = n.worst(n.outputs)
+                verdict = "within float rounding" if n.forward_within_rounding else "CHANGED"
+                lines.append(f"  outputs: relative error {worst.rel:.2g} ({verdict})")
+            if n.grad_rel_error is not None:
+                verdict = "within float rounding" if n.backward_within_rounding else "approximate gradients"
+                lines.append(
+                    f"  gradients: relative error {n.grad_rel_error:.3g}, cosine {n.grad_cosine:.5f} ({verdict})"
+                )
+        return "\n".join(lines)
+
+
+def _finite(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    return x if math.isfinite(x) else str(x)
+
+
+@dataclass
+class Report:
+    model: str
+    mode: str
+    capture_seconds: float
+    dynamic_inputs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    passes: list[PassReport] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> PassReport:
+        for p in self.passes:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pass {name!r} in this report; it has: {', '.join(p.name for p in self.passes)}")
+
+    def __iter__(self):
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "mode": self.mode,
+            "capture_seconds": round(self.capture_seconds, 4),
+            "dynamic_inputs": self.dynamic_inputs,
+            "notes": self.notes,
+            "passes": [p.to_dict() for p in self.passes],
+        }
+
+    def __str__(self) -> str:
+        dynamic = ", ".join(self.dynamic_inputs) or "none"
+        lines = [f"{self.model} captured in {self.mode} mode ({self.capture_seconds:.2f} s); dynamic batch: {dynamic}"]
+        lines += [f"  note: {note}" for note in self.notes]
+        lines += [p.text() for p in self.passes]
+        return "\n".join(lines)
+

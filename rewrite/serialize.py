@@ -1,0 +1,154 @@
+"""Saving and loading: rewritten modules as ``.pt2`` (torch.export), checkpoints read without
+running pickled code (``torch.load(weights_only=True)``, safetensors, ``torch.export.load``).
+Every file is written to a temporary name and renamed into place, so a failure never leaves
+a half-written file or touches an existing one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from rewrite.capture import quiet
+from rewrite.errors import CheckpointError
+from rewrite.module import RewriteInfo, RewrittenModule
+
+REPORT_FILE = "rewrite_report.json"
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(temporary_path)``, then rename the result to ``path``."""
+    path = Path(path)
+    # The temporary name keeps the real suffix last: torch.export.save checks for ".pt2".
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def export(module: torch.nn.Module, example_args=None, example_kwargs=None, dynamic_shapes=None):
+    """The module as an ExportedProgram (re-captured with the example inputs it was made with)."""
+    if isinstance(module, RewrittenModule):
+        info = module.rewrite_info
+        example_args = info.example_args if example_args is None else example_args
+        example_kwargs = info.example_kwargs if example_kwargs is None else example_kwargs
+        dynamic_shapes = info.dynamic_shapes if dynamic_shapes is None else dynamic_shapes
+    if example_args is None:
+        raise CheckpointError("saving needs example inputs: pass example_args (the module is not a rewritten one)")
+    return torch.export.export(module, tuple(example_args), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def save(module: torch.nn.Module, path: str | os.PathLike, *, example_args=None, example_kwargs=None) -> Path:
+    """Save ``module`` as a ``.pt2`` file (its report goes inside, as rewrite_report.json)."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise CheckpointError(f"{path}: a rewritten module is saved as .pt2; give a file name ending in .pt2")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the folder {path.parent} does not exist")
+    program = export(module, example_args, example_kwargs)
+    report = getattr(module, "report", None)
+    extra = {REPORT_FILE: json.dumps(report.to_dict() if hasattr(report, "to_dict") else report)} if report else {}
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+
+
+def load_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict | None]:
+    """The ExportedProgram in a ``.pt2`` file and the rewrite report saved with it (or None)."""
+    path = Path(path)
+    _require_file(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a .pt2 archive (torch.export.save writes a zip file); is it corrupt?")
+    extra = {REPORT_FILE: ""}
+    try:
+        with quiet():
+            program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:
+        missing = re.search(r"failed to resolve (torch\.ops\.[\w.]+)", str(exc))
+        if missing:
+            raise CheckpointError(
+                f"{path}: uses the custom op {missing.group(1)}, which is not registered; import the package "
+                "that defines it before loading"
+            ) from exc
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load this .pt2: {message}") from exc
+    report = json.loads(extra[REPORT_FILE]) if extra.get(REPORT_FILE) else None
+    return program, report
+
+
+def load(path: str | os.PathLike) -> RewrittenModule:
+    """Load a ``.pt2`` written by ``save`` (or any torch.export program) as a module that is
+    called, trained and switched between train/eval like the one saved."""
+    program, report = load_program(path)
+    example = getattr(program, "example_inputs", None) or ((), {})
+    info = RewriteInfo(before=None, report=report, example_args=example[0], example_kwargs=example[1], dynamic_shapes=None)
+    return RewrittenModule(program.module(), info)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.pt``/``.pth``/``.bin`` (weights only: pickled objects are refused,
+    never run) or ``.safetensors``."""
+    path = Path(path)
+    _require_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a valid .safetensors file ({exc})") from exc
+    if path.suffix not in STATE_DICT_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {path.suffix!r}; rewrite reads .pt2, {', '.join(STATE_DICT_SUFFIXES)}"
+        )
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects, which rewrite refuses to load (loading them runs "
+                "their code); save a state dict instead: torch.save(model.state_dict(), path), or use .safetensors"
+            ) from exc
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first})") from exc
+    return _as_state_dict(path, state)
+
+
+def _is_tensor_mapping(value) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def _as_state_dict(path: Path, state) -> dict[str, torch.Tensor]:
+    if _is_tensor_mapping(state):
+        return dict(state)
+    if isinstance(state, Mapping):
+        for key in _NESTED_STATE_KEYS:
+            if _is_tensor_mapping(state.get(key)):
+                return dict(state[key])
+        keys = ", ".join(map(str, list(state)[:8]))
+        raise CheckpointError(
+            f"{path}: not a state dict (a mapping of names to tensors); its top-level keys are: {keys}"
+        )
+    raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict (a mapping of names to tensors)")

@@ -1,0 +1,80 @@
+"""Shared test helpers: an independent eager reference of Approx-BP's activations, model
+builders with non-trivial norm parameters, and small comparison utilities."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from rewrite import zoo
+
+# Constants as REFERENCES.md gives them (deliberately not imported from the implementation).
+GELU_A = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
+GELU_C = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
+SILU_A = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
+SILU_C = (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)
+
+
+def step_slope(x: torch.Tensor, a, c) -> torch.Tensor:
+    """h'(x) for h(x) = sum a_i max(x - c_i, 0), in float64."""
+    xd = x.double()
+    return sum(ai * (xd > ci).double() for ai, ci in zip(a, c))
+
+
+class _StepBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, forward_fn, a, c):
+        ctx.save_for_backward(x)
+        ctx.a, ctx.c = a, c
+        return forward_fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return (grad.double() * step_slope(x, ctx.a, ctx.c)).to(grad.dtype), None, None, None
+
+
+class StepDerivativeReference(TorchFunctionMode):
+    """Inside this mode, F.gelu / F.silu (however called) keep their forward and take the
+    step-function derivative in the backward: what approx_bp must compute, written plainly."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.gelu, torch._C._nn.gelu):
+            approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+            return _StepBackward.apply(args[0], lambda t: F.gelu(t, approximate=approximate), GELU_A, GELU_C)
+        if func is F.silu:
+            return _StepBackward.apply(args[0], F.silu, SILU_A, SILU_C)
+        return func(*args, **kwargs)
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm's affine parameters values far from the (1, 0) default, so folding them
+    into the next layer is tested for real."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm, zoo.RMSNorm)) and weight is not None:
+                weight.copy_(torch.rand(weight.shape, generator=gen) + 0.5)
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    bias.copy_(torch.randn(bias.shape, generator=gen) * 0.5)
+    return model
+
+
+def build(name: str, dtype: torch.dtype = torch.float32, batch: int = 3):
+    model, inputs = zoo.build(name, batch=batch)
+    randomize_norms(model)
+    model = model.to(dtype)
+    inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    return model, inputs
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+ROUNDING = {torch.float32: 1e-5, torch.float16: 1e-2, torch.float64: 1e-12}

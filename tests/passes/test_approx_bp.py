@@ -1,0 +1,293 @@
+"""approx_bp on real model shapes: exact forward, step-derivative backward, memory saved,
+every way of writing the ops found, the norms it must leave alone left alone, with reasons."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import ROUNDING, StepDerivativeReference, build, rel_error
+
+import rewrite
+from passes import ApproxBP
+from rewrite import PassError, optimize, zoo
+from rewrite.memory import record_saved
+
+MODELS = ["mlp", "vit", "llama", "cnn"]
+
+
+def _ops(module) -> list[str]:
+    return [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
+
+
+def _count(module, name: str) -> int:
+    return sum(name in t for t in _ops(module))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_equals_original(name, mode, dtype):
+    model, inputs = build(name, dtype)
+    getattr(model, mode)()
+    with torch.no_grad():
+        expected = model(*inputs)
+    rewritten = optimize(model, ["approx_bp"], inputs, mode=mode)
+    with torch.no_grad():
+        out = rewritten(*inputs)
+    assert out.dtype == expected.dtype
+    assert rel_error(out, expected) <= ROUNDING[dtype]
+    report = rewritten.report["approx_bp"]
+    assert report.changes, "nothing was rewritten"
+    assert report.numerics.forward_within_rounding
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_equal_the_step_derivative_formula(name, dtype):
+    model, inputs = build(name, dtype)
+    rewritten = optimize(model, ["approx_bp"], inputs, mode="train")
+    float_inputs = [i for i in inputs if i.is_floating_point()]
+
+    def grads(module, reference: bool):
+        xs = [i.detach().clone().requires_grad_(True) for i in float_inputs]
+        call = [xs.pop(0) if i.is_floating_point() else i for i in inputs]
+        leaves = list(call) if float_inputs else []
+        leaves = [t for t in leaves if t.requires_grad]
+        # Parameters the fold left alone exist in both models under the same name.
+        names = [n for n, p in rewritten.named_parameters() if p is dict(model.named_parameters()).get(n)]
+        params = dict(module.named_parameters())
+        if reference:
+            with StepDerivativeReference():
+                out = module(*call)
+        else:
+            out = module(*call)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        loss = (out.double() * weight.double()).sum()
+        return torch.autograd.grad(loss, leaves + [params[n] for n in names]), names
+
+    got, names = grads(rewritten, reference=False)
+    want, _ = grads(model, reference=True)
+    assert len(names) > 0
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    flat_got = torch.cat([g.double().reshape(-1) for g in got])
+    flat_want = torch.cat([w.double().reshape(-1) for w in want])
+    assert rel_error(flat_got, flat_want) <= tolerance
+    scale = flat_want.norm()
+    for g, w in zip(got, want):  # also tensor by tensor, relative to the whole gradient's size
+        assert (g.double() - w.double()).norm() <= tolerance * max(w.double().norm(), 1e-3 * scale)
+
+
+def test_exact_gradients_differ_from_approximate_ones():
+    # Sanity check of the test above: the step derivative is not the exact derivative.
+    model, inputs = build("mlp")
+    rewritten = optimize(model, ["approx_bp"], inputs)
+    x = inputs[0].clone().requires_grad_(True)
+    (g_exact,) = torch.autograd.grad(model(x).sum(), x)
+    x2 = inputs[0].clone().requires_grad_(True)
+    (g_approx,) = torch.autograd.grad(rewritten(x2).sum(), x2)
+    assert rel_error(g_approx, g_exact) > 1e-3
+    assert rewritten.report["approx_bp"].numerics.grad_rel_error > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit", "llama"])
+def test_activation_memory_saved_for_backward_drops_by_a_quarter(name):
+    model, inputs = build(name)
+    rewritten = optimize(model, ["approx_bp"], inputs)
+    with record_saved(model) as before:
+        model(*inputs)
+    with record_saved(rewritten) as after:
+        rewritten(*inputs)
+    assert after.total_bytes <= 0.75 * before.total_bytes
+    b, a = rewritten.report["approx_bp"].activation_bytes
+    assert (b, a) == (before.total_bytes, after.total_bytes)
+
+
+class Activations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.gelu = nn.GELU()
+        self.gelu_tanh = nn.GELU(approximate="tanh")
+        self.silu = nn.SiLU()
+        self.silu_inplace = nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        h = self.fc(x)
+        outs = [self.gelu(h), self.gelu_tanh(h), F.gelu(h), F.gelu(h, approximate="tanh"), self.silu(h), F.silu(h)]
+        outs.append(self.silu_inplace(self.fc(x)))
+        outs.append(F.silu(self.fc(x), inplace=True))
+        return torch.stack(outs)
+
+
+def test_every_spelling_of_gelu_and_silu_is_replaced():
+    model = Activations()
+    x = torch.randn(4, 8)
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    assert _count(rewritten, "aten.gelu") == 0 and _count(rewritten, "aten.silu") == 0
+    assert _count(rewritten, "rewrite.regelu2") == 4 and _count(rewritten, "rewrite.resilu2") == 4
+    torch.testing.assert_close(rewritten(x), model(x))
+
+
+def test_in_place_activation_whose_input_is_read_later_is_left_alone():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc(x)
+            y = h.clone()
+            F.silu(y, inplace=True)
+            return y + h
+
+    m = M()
+    x = torch.randn(2, 8)
+    rewritten = optimize(m, ["approx_bp"], (x,))
+    torch.testing.assert_close(rewritten(x), m(x))
+
+
+class HandWrittenNorms(nn.Module):
+    """LLaMA RMSNorm, T5 RMSNorm (cast only for the variance), x / sqrt form, nn.RMSNorm,
+    F.rms_norm, nn.LayerNorm, F.layer_norm without affine: each feeding linear layers."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.llama = zoo.RMSNorm(d)
+        self.t5_weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.div_weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.rms = nn.RMSNorm(d, eps=1e-5)
+        self.ln = nn.LayerNorm(d)
+        self.fcs = nn.ModuleList(nn.Linear(d, d) for _ in range(8))
+        with torch.no_grad():
+            self.llama.weight.uniform_(0.5, 1.5)
+            self.rms.weight.uniform_(0.5, 1.5)
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        out = self.fcs[0](self.llama(x))
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        out = out + self.fcs[1](self.t5_weight * (x * torch.rsqrt(variance + 1e-6)))
+        out = out + self.fcs[2](self.div_weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)))
+        out = out + self.fcs[3](self.rms(x)) + self.fcs[4](F.rms_norm(x, (16,)))
+        out = out + self.fcs[5](self.ln(x)) + self.fcs[6](F.layer_norm(x, (16,)))
+        return out
+
+
+def test_every_spelling_of_the_norms_is_replaced():
+    model = HandWrittenNorms()
+    x = torch.randn(3, 5, 16)
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    report = rewritten.report["approx_bp"]
+    assert not report.skipped, report.skipped
+    assert _count(rewritten, "rewrite.ms_rms_norm") == 5
+    assert _count(rewritten, "rewrite.ms_layer_norm") == 2
+    assert _count(rewritten, "aten.rsqrt") == 0 and _count(rewritten, "aten.sqrt") == 0 and _count(rewritten, "aten.pow") == 0
+    assert rel_error(rewritten(x), model(x)) < 1e-5
+    names = {n for n, _ in rewritten.named_parameters()}
+    assert not names & {"llama.weight", "t5_weight", "div_weight", "rms.weight", "ln.weight", "ln.bias"}
+
+
+def test_fold_is_done_in_float64_and_leaves_the_user_model_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 7, bias=False))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[0].bias.uniform_(-1, 1)
+    original = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 12)
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    gamma, beta, w = (t.double() for t in (model[0].weight, model[0].bias, model[1].weight))
+    params = dict(rewritten.named_parameters())
+    assert set(params) == {"1.weight", "1.bias"}  # the linear gained a bias for beta
+    torch.testing.assert_close(params["1.weight"], (w * gamma).float())
+    torch.testing.assert_close(params["1.bias"], (w @ beta).float())
+    assert params["1.weight"].requires_grad and params["1.bias"].requires_grad
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key])
+
+
+class LeftAlone(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm_dropout = nn.LayerNorm(d)
+        self.drop = nn.Dropout(0.5)
+        self.norm_gelu = nn.LayerNorm(d)
+        self.norm_out = nn.LayerNorm(d)
+        self.norm_multi = nn.LayerNorm([4, d])
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        a = self.fc(self.drop(self.norm_dropout(x)))
+        b = self.fc(F.gelu(self.norm_gelu(x)))
+        c = self.fc(self.norm_multi(x))
+        return a + b + c, self.norm_out(x)
+
+
+def test_norms_that_cannot_share_memory_are_left_alone_with_reasons():
+    x = torch.randn(2, 4, 8)
+    rewritten = optimize(LeftAlone(), ["approx_bp"], (x,), mode="eval")
+    reasons = {s.where: s.reason for s in rewritten.report["approx_bp"].skipped}
+    assert "dropout" in reasons["norm_dropout"]
+    assert "not only by linear layers" in reasons["norm_gelu"]
+    assert "output of the model" in reasons["norm_out"]
+    assert "2 dimensions" in reasons["norm_multi"]
+    assert _count(rewritten, "aten.layer_norm") == 4
+
+
+def test_tied_or_frozen_linears_are_not_folded_into():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 8, bias=False)
+            self.other = nn.Linear(8, 8, bias=False)
+            self.other.weight = self.head.weight  # tied
+
+        def forward(self, x):
+            return self.head(self.norm(x)) + self.other(x)
+
+    x = torch.randn(2, 8)
+    tied = optimize(Tied(), ["approx_bp"], (x,)).report["approx_bp"]
+    assert tied.skipped and "shared" in tied.skipped[0].reason
+
+    frozen = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    frozen[1].weight.requires_grad_(False)
+    report = optimize(frozen, ["approx_bp"], (x,)).report["approx_bp"]
+    assert report.skipped and "frozen" in report.skipped[0].reason
+
+
+def test_options_turn_parts_off():
+    model, inputs = build("vit")
+    only_norms = optimize(model, [ApproxBP(gelu=False, silu=False)], inputs)
+    assert _count(only_norms, "aten.gelu") == 2 and _count(only_norms, "ms_layer_norm") == 4
+    report = only_norms.report["approx_bp"]
+    assert report.kind() == "exact" and report.numerics.backward_within_rounding
+    no_norms = optimize(model, ["approx_bp{norms=false}"], inputs)
+    assert _count(no_norms, "aten.layer_norm") == 5 and _count(no_norms, "regelu2") == 2
+    with pytest.raises(PassError, match="nothing to do"):
+        optimize(model, [ApproxBP(gelu=False, silu=False, norms=False)], inputs)
+
+
+def test_second_run_changes_nothing():
+    model, inputs = build("llama")
+    once = optimize(model, ["approx_bp"], inputs)
+    twice = optimize(once, ["approx_bp"], inputs)
+    assert twice.report["approx_bp"].changes == []
+    torch.testing.assert_close(twice(*inputs), once(*inputs))
+
+
+def test_report_states_what_it_measured():
+    model, inputs = build("llama")
+    rewritten = optimize(model, ["approx_bp"], inputs)
+    report = rewritten.report["approx_bp"]
+    assert report.kind() == "exact forward, approximate backward"
+    assert 0 < report.numerics.grad_rel_error < 1 and 0 < report.numerics.grad_cosine <= 1
+    assert report.figures == {"activations replaced": 2, "norms replaced": 5, "linear layers folded into": 11}
+    text = str(rewritten.report)
+    assert "gradients: relative error" in text and "activation memory saved for backward" in text
+    assert "final" not in text
+    assert any(c.where == "layers.0.mlp" and c.after == "rewrite.resilu2" for c in report.changes)
+    assert rewrite.Report is type(rewritten.report)
