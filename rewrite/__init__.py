@@ -15,6 +15,7 @@ from rewrite.module import RewrittenModule
 from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option, pass_names, register_pass
 from rewrite.pass_manager import PassManager
 from rewrite.report import Report
+from rewrite.serialize import load, save
 
 __all__ = [
     "CaptureError",
@@ -31,9 +32,11 @@ __all__ = [
     "RewrittenModule",
     "Skip",
     "capture",
+    "load",
     "ops",
     "optimize",
     "option",
     "pass_names",
     "register_pass",
+    "save",
 ]

@@ -19,6 +19,16 @@ def _stderr_progress(message: str) -> None:
     print(f"[rewrite {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _model_name(model: torch.nn.Module) -> str:
+    """The user's class name, also for a module that was rewritten (or saved and loaded) before."""
+    if isinstance(model, RewrittenModule):
+        report = model.report
+        name = report.get("model") if isinstance(report, dict) else getattr(report, "model", None)
+        if name:
+            return name
+    return type(model).__name__
+
+
 def optimize(
     model: torch.nn.Module,
     passes: Sequence[str | Pass] | str | Pass,
@@ -58,7 +68,7 @@ def optimize(
         captured.graph_module, ctx
     )
     report = Report(
-        model=type(model).__name__,
+        model=_model_name(model),
         mode=captured.mode,
         capture_seconds=captured.seconds,
         dynamic_inputs=captured.dynamic_inputs,

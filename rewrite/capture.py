@@ -21,11 +21,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.errors import CaptureError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_OUR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OUR_DIR = os.path.dirname(os.path.abspath(__file__))  # this package only: the user's code may sit beside it
 _STDLIB_DIR = os.path.dirname(contextlib.__file__)
 MODES = ("train", "eval")
 
@@ -59,7 +60,7 @@ def normalize_inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
     return example_inputs, example_kwargs
 
 
-def _batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+def batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
     """{argument name: spec} marking dim 0 of every tensor as Dim.AUTO, or None when the
     forward signature cannot be bound to the inputs."""
     try:
@@ -99,13 +100,22 @@ def quiet():
             lg.setLevel(level)
 
 
+def _is_library_file(path: str) -> bool:
+    """torch's, ours, or the standard library's; not the packages installed under the standard
+    library's folder (site-packages), where the user's model may come from."""
+    if path.startswith((_TORCH_DIR + os.sep, _OUR_DIR + os.sep)):
+        return True
+    installed = {"site-packages", "dist-packages"} & set(path.split(os.sep))
+    return path.startswith(_STDLIB_DIR + os.sep) and not installed
+
+
 def user_frame(exc: BaseException) -> str:
     """'file.py:42: code' of the innermost frame of the user's code in the traceback, or ''."""
     found = ""
     while exc is not None:
         for frame in traceback.extract_tb(exc.__traceback__):
             path = os.path.abspath(frame.filename)
-            if path.startswith((_TORCH_DIR, _OUR_DIR, _STDLIB_DIR)) or frame.filename.startswith("<"):
+            if _is_library_file(path) or frame.filename.startswith("<"):
                 continue
             found = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
         exc = exc.__cause__ or exc.__context__
@@ -131,6 +141,13 @@ def _hint(exc: BaseException) -> str:
     return "torch.export could not trace the model."
 
 
+def export_failure(exc: BaseException, what: str) -> CaptureError:
+    """One CaptureError for a torch.export failure: ``what`` failed, why (shortened), where in
+    the user's code, and what to do."""
+    where = user_frame(exc)
+    return CaptureError(f"{what}: {_short_message(exc)}" + (f" (at {where})" if where else "") + f". {_hint(exc)}")
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs,
@@ -150,10 +167,8 @@ def capture(
         mode = "train" if model.training else "eval"
     if mode not in MODES:
         raise CaptureError(f"mode must be 'train' or 'eval', not {mode!r}")
-    dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
+    dynamic_shapes = batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     notes = []
-    if dynamic_batch and dynamic_shapes is None:
-        notes.append("the forward signature could not be bound to the inputs: all shapes are static")
 
     was_training = {m: m.training for m in model.modules()}
     start = time.perf_counter()
@@ -163,12 +178,7 @@ def capture(
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             graph_module = exported.module()
     except Exception as exc:
-        where = user_frame(exc)
-        raise CaptureError(
-            f"cannot capture {type(model).__name__}: {_short_message(exc)}"
-            + (f" (at {where})" if where else "")
-            + f". {_hint(exc)}"
-        ) from exc
+        raise export_failure(exc, f"cannot capture {type(model).__name__}") from exc
     finally:
         for m, training in was_training.items():
             m.training = training
@@ -176,14 +186,15 @@ def capture(
     dynamic_inputs = []
     for node in graph_module.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.dim() >= 1 and isinstance(val.shape[0], torch.SymInt):
+        # a SymInt can be specialised to a constant (a guard in the model fixed the size): not dynamic
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and not is_concrete_int(val.shape[0]):
             dynamic_inputs.append(node.name)
     if dynamic_batch and dynamic_shapes is not None:
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
         if len(dynamic_inputs) < len(tensors):
             notes.append(
-                "torch.export kept the batch size of some inputs static (a batch of 1 is always "
-                "specialised; pass at least 2 for a dynamic batch)"
+                "the batch size of some inputs is static: the model fixes it, or the example batch is 1 "
+                "(torch.export specialises size 1; give at least 2 for a dynamic batch)"
             )
     return Capture(
         graph_module=graph_module,

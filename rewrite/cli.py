@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -129,7 +130,12 @@ def build_model(spec: str, kwargs_json: str | None, state: dict, source: Path) -
         raise OptionError(f"--model {spec}: calling it failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"--model {spec}: returned a {type(model).__name__}, not a torch.nn.Module")
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        mismatches = [line.strip().rstrip(".") for line in str(exc).splitlines() if "size mismatch" in line]
+        detail = "; ".join(mismatches[:3]) + (f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
+        raise CheckpointError(f"{source}: does not fit the model from {spec}: {detail or str(exc).strip().splitlines()[0]}") from exc
     if result.missing_keys or result.unexpected_keys:
         parts = []
         if result.missing_keys:
@@ -395,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output was piped into a program that stopped reading (| head)
+        # Point stdout at devnull so that flushing it at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def _arg_text(arg) -> str:
 def node_line(node: fx.Node) -> str | None:
     """The node as one line of text, or None for nodes the listing leaves out."""
     if node.op == "placeholder":
-        return f"{node.name}: {format_shape(node)}"
+        shape = format_shape(node)
+        return f"{node.name}: {shape}" if shape else node.name
     if node.op == "output":
         return f"return {_arg_text(node.args[0])}"
     if node.op == "get_attr" or node.op == "call_module":
@@ -66,23 +67,35 @@ class DiffRow:
     right: str | None
 
 
+def _defined_name(line: str) -> str:
+    """The node a listing line defines: 'linear' for 'linear = ...', 'x' for input 'x: f32[..]'."""
+    if line.startswith("return "):
+        return "return"
+    return line.split(" = ", 1)[0] if " = " in line else line.split(":", 1)[0]
+
+
+def _pair_block(left: list[str], right: list[str]) -> list[DiffRow]:
+    """Rows for a block of differing lines: a line is paired with the line of the other side
+    that defines the same node name (the node changed); the rest are removals and additions."""
+    rows = []
+    names = difflib.SequenceMatcher(a=[_defined_name(x) for x in left], b=[_defined_name(x) for x in right], autojunk=False)
+    for tag, i1, i2, j1, j2 in names.get_opcodes():
+        if tag == "equal":
+            rows += [DiffRow("replace", left[i], right[j]) for i, j in zip(range(i1, i2), range(j1, j2))]
+            continue
+        rows += [DiffRow("delete", left[i], None) for i in range(i1, i2)]
+        rows += [DiffRow("insert", None, right[j]) for j in range(j1, j2)]
+    return rows
+
+
 def diff_rows(before: fx.GraphModule, after: fx.GraphModule) -> list[DiffRow]:
     a, b = graph_lines(before), graph_lines(after)
     rows = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
-        left, right = a[i1:i2], b[j1:j2]
-        for k in range(max(len(left), len(right))):
-            l_line = left[k] if k < len(left) else None
-            r_line = right[k] if k < len(right) else None
-            if tag == "equal":
-                row_tag = "equal"
-            elif l_line is None:
-                row_tag = "insert"
-            elif r_line is None:
-                row_tag = "delete"
-            else:
-                row_tag = "replace"
-            rows.append(DiffRow(row_tag, l_line, r_line))
+        if tag == "equal":
+            rows += [DiffRow("equal", line, line) for line in a[i1:i2]]
+        else:
+            rows += _pair_block(a[i1:i2], b[j1:j2])
     return rows
 
 

@@ -106,12 +106,16 @@ def call_function(
         for key in _PROVENANCE_KEYS:
             if key in like.meta:
                 node.meta[key] = like.meta[key]
-    fake_args, fake_kwargs = _fake_args(node)
-    fake_mode = detect_fake_mode(_flat_tensors([fake_args, list(fake_kwargs.values())]))
-    if fake_mode is None:
-        raise ValueError(f"cannot compute metadata of {name or target}: its inputs have no fake tensors")
-    with fake_mode:
-        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    try:
+        fake_args, fake_kwargs = _fake_args(node)
+        fake_mode = detect_fake_mode(_flat_tensors([fake_args, list(fake_kwargs.values())]))
+        if fake_mode is None:
+            raise ValueError(f"cannot compute metadata of {name or target}: its inputs have no fake tensors")
+        with fake_mode:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+    except Exception:
+        graph.erase_node(node)  # a caller that skips this rewrite must find the graph as it was
+        raise
     return node
 
 
@@ -171,8 +175,10 @@ def module_path(node: fx.Node) -> str:
 
 def _clean_module_path(path: str) -> str:
     # torch.export records paths like "L['self'].blocks[0].mlp" or "blocks.0.mlp".
-    if path.startswith("_"):  # torch.export's placeholder for nodes outside any module
+    if path.startswith("_empty_nn_module_stack"):  # torch.export's label for nodes outside any module
         return ""
+    if path.startswith("_export_root"):  # torch.export's wrapper around the model; a user's "_enc" is a module
+        path = path[len("_export_root") :]
     path = path.replace("L['self']", "").replace("L__self__", "")
     for token in ("['", "']", "[", "]"):
         path = path.replace(token, ".")

@@ -33,12 +33,14 @@ h3 { margin: 18px 0 8px; font-size: 15px; }
 table.list { border-collapse: collapse; width: 100%; font-size: 13px; }
 table.list th, table.list td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #eceef2; vertical-align: top; }
 table.list th { background: #f0f2f6; }
+table.list.compact { width: auto; min-width: 320px; }
 code, pre { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 table.diff { border-collapse: collapse; width: 100%; table-layout: fixed; }
-table.diff td { padding: 0 6px; vertical-align: top; white-space: pre-wrap; word-break: break-all; font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+table.diff td { padding: 0 6px; vertical-align: top; white-space: pre-wrap; overflow-wrap: anywhere; font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 table.diff td.n { width: 34px; color: #8a93a6; text-align: right; user-select: none; }
 table.diff th { text-align: left; background: #f0f2f6; padding: 4px 6px; }
-td.del { background: #fde8e7; } td.ins { background: #e3f6e8; } td.rep-l { background: #fdf1e4; } td.rep-r { background: #e6f2fb; }
+td.del { background: #fbd3cf; box-shadow: inset 3px 0 #d92d20; } td.ins { background: #d3f3dc; box-shadow: inset 3px 0 #17803d; }
+td.rep-l { background: #fff1c2; box-shadow: inset 3px 0 #c48a00; } td.rep-r { background: #fff1c2; box-shadow: inset 3px 0 #c48a00; }
 tr.fold td { color: #8a93a6; background: #fafbfc; font-style: italic; }
 .legend span { display: inline-block; margin-right: 16px; font-size: 12px; }
 .swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 4px; vertical-align: -1px; }
@@ -152,7 +154,7 @@ def _changes_table(p: PassReport) -> str:
         )
     if p.figures:
         rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in p.figures.items())
-        parts.append(f"<h3>Figures</h3><table class='list'>{rows}</table>")
+        parts.append(f"<h3>Figures</h3><table class='list compact'>{rows}</table>")
     return "".join(parts)
 
 
@@ -180,12 +182,12 @@ def _diff_table(p: PassReport, context: int = 4) -> str:
     if hidden:
         out.append(f"<tr class='fold'><td class='n'></td><td colspan='3'>… {hidden} unchanged lines …</td></tr>")
     legend = (
-        "<p class='legend'><span><i class='swatch' style='background:#fde8e7'></i>removed</span>"
-        "<span><i class='swatch' style='background:#e3f6e8'></i>added</span>"
-        "<span><i class='swatch' style='background:#fdf1e4'></i><i class='swatch' style='background:#e6f2fb'></i>changed</span></p>"
+        "<p class='legend'><span><i class='swatch' style='background:#fbd3cf'></i>removed</span>"
+        "<span><i class='swatch' style='background:#d3f3dc'></i>added</span>"
+        "<span><i class='swatch' style='background:#fff1c2'></i>changed (same node, new arguments)</span></p>"
     )
     return (
-        f"<h3>Graph before and after</h3>{legend}<table class='diff'><colgroup><col style='width:40px'><col>"
+        f"<h3 id='{_e(p.name)}-graphs'>Graph before and after</h3>{legend}<table class='diff'><colgroup><col style='width:40px'><col>"
         "<col style='width:40px'><col></colgroup><tr><th></th><th>before</th><th></th><th>after</th></tr>"
         + "".join(out)
         + "</table>"

@@ -97,7 +97,10 @@ class RewrittenModule(fx.GraphModule):
             index = _MODE_FLAG_ARG.get(node.target)
             if index is not None and len(node.args) > index and not (node.target is aten.batch_norm.default and node.args[3] is None):
                 return bool(node.args[index])
-        return self.training
+        # No mode-dependent op: the mode it was captured in (a saved report is a dict).
+        report = self.rewrite_info.report
+        mode = report.get("mode") if isinstance(report, dict) else getattr(report, "mode", None)
+        return mode == "train" if mode in ("train", "eval") else self.training
 
     @property
     def before(self) -> fx.GraphModule | None:

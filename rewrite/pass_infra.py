@@ -26,6 +26,7 @@ import re
 import types
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -103,7 +104,11 @@ class Pass(ABC):
 
     @classmethod
     def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        """The first line of the pass's docstring ('' without one: not dataclass's signature text)."""
+        doc = (cls.__dict__.get("__doc__") or "").strip()
+        if not doc or doc.startswith(f"{cls.__name__}("):
+            return ""
+        return doc.splitlines()[0]
 
     @classmethod
     def options(cls) -> list[dataclasses.Field]:
@@ -223,7 +228,7 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 def resolve_passes(passes) -> list[Pass]:
     """Names, CLI specs and Pass objects -> Pass objects."""
-    if isinstance(passes, (str, Pass)):
+    if isinstance(passes, (str, Pass)) or not isinstance(passes, Iterable):
         passes = [passes]
     resolved = []
     for item in passes:
@@ -231,6 +236,8 @@ def resolve_passes(passes) -> list[Pass]:
             resolved.append(item)
         elif isinstance(item, str):
             resolved.extend(parse_pipeline(item))
+        elif isinstance(item, type) and issubclass(item, Pass):
+            raise OptionError(f"{item.__name__} is a pass class; give an object of it, e.g. {item.__name__}()")
         else:
             raise OptionError(f"a pass is a name or a Pass object, not {type(item).__name__}")
     return resolved

@@ -5,8 +5,11 @@ a half-written file or touches an existing one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rewrite.capture import quiet
+from rewrite.capture import batch_dynamic_shapes, export_failure, quiet
 from rewrite.errors import CheckpointError
 from rewrite.module import RewriteInfo, RewrittenModule
 
@@ -48,7 +51,13 @@ def export(module: torch.nn.Module, example_args=None, example_kwargs=None, dyna
         dynamic_shapes = info.dynamic_shapes if dynamic_shapes is None else dynamic_shapes
     if example_args is None:
         raise CheckpointError("saving needs example inputs: pass example_args (the module is not a rewritten one)")
-    return torch.export.export(module, tuple(example_args), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False)
+    try:
+        with quiet():
+            return torch.export.export(
+                module, tuple(example_args), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False
+            )
+    except Exception as exc:
+        raise export_failure(exc, f"cannot export {type(module).__name__} to save it") from exc
 
 
 def save(module: torch.nn.Module, path: str | os.PathLike, *, example_args=None, example_kwargs=None) -> Path:
@@ -78,29 +87,71 @@ def load_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram,
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a .pt2 archive (torch.export.save writes a zip file); is it corrupt?")
     extra = {REPORT_FILE: ""}
+    logged = _LoggedErrors()
     try:
-        with quiet():
+        with quiet(), logged.attached("torch.export"):
             program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:
-        missing = re.search(r"failed to resolve (torch\.ops\.[\w.]+)", str(exc))
+        # torch.export.load logs the real reason (e.g. an unregistered custom op) and raises a generic error.
+        reasons = [e for error in (*logged.errors, exc) for e in _chain(error)]
+        missing = next((m for e in reasons if (m := re.search(r"failed to resolve (torch\.ops\.[\w.]+)", str(e)))), None)
         if missing:
             raise CheckpointError(
                 f"{path}: uses the custom op {missing.group(1)}, which is not registered; import the package "
                 "that defines it before loading"
             ) from exc
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = reasons[0]
+        message = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
         raise CheckpointError(f"{path}: cannot load this .pt2: {message}") from exc
     report = json.loads(extra[REPORT_FILE]) if extra.get(REPORT_FILE) else None
     return program, report
+
+
+class _LoggedErrors(logging.Handler):
+    """Keeps the exceptions a logger reports (with exc_info) while attached, printing nothing."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    @contextlib.contextmanager
+    def attached(self, name: str):
+        logger = logging.getLogger(name)
+        level, propagate, handlers = logger.level, logger.propagate, logger.handlers
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        logger.handlers = [self]  # torch's own handler would print the traceback
+        try:
+            yield self
+        finally:
+            logger.handlers = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, innermost last."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 def load(path: str | os.PathLike) -> RewrittenModule:
     """Load a ``.pt2`` written by ``save`` (or any torch.export program) as a module that is
     called, trained and switched between train/eval like the one saved."""
     program, report = load_program(path)
-    example = getattr(program, "example_inputs", None) or ((), {})
-    info = RewriteInfo(before=None, report=report, example_args=example[0], example_kwargs=example[1], dynamic_shapes=None)
-    return RewrittenModule(program.module(), info)
+    args, kwargs = getattr(program, "example_inputs", None) or ((), {})
+    module = program.module()
+    # Dim.AUTO on the batch: saving the loaded module again keeps a dynamic batch dynamic (and a static one static).
+    dynamic_shapes = batch_dynamic_shapes(module, args, kwargs) if args or kwargs else None
+    info = RewriteInfo(before=None, report=report, example_args=args, example_kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+    return RewrittenModule(module, info)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -124,14 +175,33 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+        if "Unsupported global" in text or ("WeightsUnpickler" in text and _holds_a_pickle(path)):
             raise CheckpointError(
                 f"{path}: holds pickled Python objects, which rewrite refuses to load (loading them runs "
                 "their code); save a state dict instead: torch.save(model.state_dict(), path), or use .safetensors"
             ) from exc
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first})") from exc
+        # Other errors (e.g. "Unsupported operand" on random bytes) mean the file is not a pickle at all.
+        unpickler = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        first = unpickler.group(1) if unpickler else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+        raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first}); is it corrupt?") from exc
     return _as_state_dict(path, state)
+
+
+def _holds_a_pickle(path: Path) -> bool:
+    """Whether the file (or the data.pkl inside torch's zip format) is a well-formed pickle, so
+    that the weights-only reader refused its content rather than choked on corrupt bytes.
+    pickletools only decodes the opcodes; nothing is run."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:
+        return False
 
 
 def _is_tensor_mapping(value) -> bool:

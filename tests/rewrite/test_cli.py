@@ -1,0 +1,574 @@
+"""The `rewrite` command: listing passes, help, rewriting .pt2 files and state dicts,
+inspecting files; and every kind of bad input exits with status 2 and one `error:` line,
+writes nothing and leaves the input file byte-identical."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rewrite import zoo
+from rewrite.cli import build_parser, main
+from rewrite.pass_infra import format_value, pass_class
+from rewrite.serialize import load, load_program
+
+LLAMA_KWARGS = {"dim": 64, "depth": 1, "heads": 2, "max_seq": 32}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _call(argv: list[str]) -> tuple[int, str, str]:
+    """main() in this process with stdout/stderr captured (for module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _op_names(gm) -> set[str]:
+    return {
+        n.target._schema.name.replace("::", ".")
+        for n in gm.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    }
+
+
+def _random_bytes(n: int = 4096) -> bytes:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)).numpy().tobytes()
+
+
+class WritesMarker:
+    """Unpickling this object creates ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_inputs")
+    torch.manual_seed(0)
+    mlp, inputs = zoo.build("mlp")
+    torch.export.save(torch.export.export(mlp, inputs, strict=False), folder / "mlp.pt2")
+    torch.save(mlp.state_dict(), folder / "mlp.pt")
+    save_file(mlp.state_dict(), str(folder / "mlp.safetensors"))
+    mlp32 = zoo.mlp(hidden=32)
+    torch.save(mlp32.state_dict(), folder / "mlp32.pt")
+    llama = zoo.llama(**LLAMA_KWARGS)
+    torch.save(llama.state_dict(), folder / "llama.pt")
+    return {"folder": folder, "mlp": mlp, "inputs": inputs, "mlp32": mlp32, "llama": llama}
+
+
+def _copy(files, name: str, folder: Path) -> Path:
+    return Path(shutil.copy(files["folder"] / name, folder / name))
+
+
+# -- passes and help ------------------------------------------------------------------------
+
+
+def test_passes_lists_approx_bp_with_its_options_and_their_docs(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    cls = pass_class("approx_bp")
+    assert f"approx_bp: {cls.summary()}" in out
+    assert cls.summary()
+    for field in cls.options():
+        doc = field.metadata["doc"]
+        assert doc
+        assert f"{field.name}={format_value(field.default)}  {doc}" in out
+    assert "approx_bp{option=value" in out or "name{option=value" in out
+
+
+def _run_subparser():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices["run"]
+
+
+def test_run_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    actions = [a for a in _run_subparser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} >= {
+        "input", "passes", "output", "report", "model", "model_kwargs", "input_shape", "input_dtype",
+        "int_high", "mode", "static_batch", "no_verify", "quiet",
+    }
+    for action in actions:
+        assert action.help and len(action.help) > 15, f"{action.dest} has no real help text"
+        for flag in action.option_strings:
+            assert flag in out, flag
+        # argparse wraps lines; compare with whitespace collapsed
+        assert " ".join(action.help.split())[:40] in flat, action.dest
+    for field in pass_class("approx_bp").options():
+        assert f"{field.name}={format_value(field.default)}" in flat
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+# -- run: successes --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pt2_run(files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pt2_run")
+    source = _copy(files, "mlp.pt2", folder)
+    digest = _sha256(source)
+    rc, out, err = _call(["run", source, "-p", "approx_bp", "-o", folder / "out.pt2", "--report", folder / "r.html"])
+    return {"rc": rc, "out": out, "err": err, "folder": folder, "source": source, "digest": digest}
+
+
+def test_run_pt2_writes_the_rewritten_model_and_the_report(pt2_run, files):
+    assert pt2_run["rc"] == 0, pt2_run["err"]
+    folder = pt2_run["folder"]
+    assert _listing(folder) == ["mlp.pt2", "out.pt2", "r.html"]  # no temporary files left
+    assert _sha256(pt2_run["source"]) == pt2_run["digest"]
+    rewritten = load(folder / "out.pt2")
+    assert {"rewrite.regelu2", "rewrite.ms_layer_norm"} <= _op_names(rewritten)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(*files["inputs"]), files["mlp"](*files["inputs"]), rtol=1e-5, atol=1e-5)
+    _, report = load_program(folder / "out.pt2")
+    assert [p["name"] for p in report["passes"]] == ["approx_bp"]
+    assert len(report["passes"][0]["changes"]) == 4
+
+
+def test_run_pt2_prints_the_report_and_progress(pt2_run):
+    assert "pass approx_bp" in pt2_run["out"] and "changed 4" in pt2_run["out"]
+    assert "aten.gelu -> rewrite.regelu2" in pt2_run["out"]
+    assert "loading" in pt2_run["err"] and "saving" in pt2_run["err"]
+    assert "Traceback" not in pt2_run["err"]
+
+
+def test_run_pt2_html_report_is_a_page_with_the_chart(pt2_run):
+    page = (pt2_run["folder"] / "r.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<svg" in page and "approx_bp" in page and "rewrite.regelu2" in page
+
+
+def test_run_pt2_report_tells_the_truth_about_the_batch(pt2_run, files):
+    # mlp.pt2 was exported with a static batch: the rewritten file is static too, and the
+    # report must not claim otherwise.
+    assert "dynamic batch: none" in pt2_run["out"]
+    rewritten = load(pt2_run["folder"] / "out.pt2")
+    with pytest.raises(Exception):
+        rewritten(torch.randn(files["inputs"][0].shape[0] + 3, 64))
+
+
+def test_run_state_dict_with_options(files, tmp_path, capsys):
+    source = _copy(files, "mlp.pt", tmp_path)
+    digest = _sha256(source)
+    out_path = tmp_path / "out.pt2"
+    rc = main(["run", str(source), "--model", "rewrite.zoo:mlp", "--input-shape", "4,64",
+               "-p", "approx_bp{norms=false}", "-o", str(out_path), "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert err == ""  # -q: no progress
+    assert "pass approx_bp{norms=false}" in out
+    assert _listing(tmp_path) == ["mlp.pt", "out.pt2"]
+    assert _sha256(source) == digest
+    rewritten = load(out_path)
+    ops = _op_names(rewritten)
+    assert "rewrite.regelu2" in ops
+    assert "rewrite.ms_layer_norm" not in ops and "aten.layer_norm" in ops  # norms=false honoured
+    assert rewritten.report["passes"][0]["options"]["norms"] is False
+    x = torch.randn(9, 64)  # a state dict is captured with a dynamic batch
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), files["mlp"](x), rtol=1e-5, atol=1e-5)
+
+
+def test_run_safetensors(files, tmp_path, capsys):
+    source = _copy(files, "mlp.safetensors", tmp_path)
+    digest = _sha256(source)
+    rc = main(["run", str(source), "--model", "rewrite.zoo:mlp", "--input-shape", "4,64",
+               "-p", "approx_bp{norms=false}", "-o", str(tmp_path / "out.pt2"), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert _listing(tmp_path) == ["mlp.safetensors", "out.pt2"]
+    assert _sha256(source) == digest
+    rewritten = load(tmp_path / "out.pt2")
+    ops = _op_names(rewritten)
+    assert "rewrite.regelu2" in ops and "rewrite.ms_layer_norm" not in ops
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(*files["inputs"]), files["mlp"](*files["inputs"]), rtol=1e-5, atol=1e-5)
+
+
+def test_run_with_model_kwargs(files, tmp_path, capsys):
+    source = _copy(files, "mlp32.pt", tmp_path)
+    rc = main(["run", str(source), "--model", "rewrite.zoo:mlp", "--model-kwargs", '{"hidden": 32}',
+               "--input-shape", "4,64", "-p", "approx_bp", "-o", str(tmp_path / "out.pt2"), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    rewritten = load(tmp_path / "out.pt2")
+    assert rewritten.get_parameter("head.weight").shape == (10, 32)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), files["mlp32"](x), rtol=1e-5, atol=1e-5)
+
+
+def test_run_llama_with_integer_inputs(files, tmp_path, capsys):
+    source = _copy(files, "llama.pt", tmp_path)
+    rc = main(["run", str(source), "--model", "rewrite.zoo:llama", "--model-kwargs", json.dumps(LLAMA_KWARGS),
+               "--input-shape", "2,16", "--input-dtype", "int64", "--int-high", "256",
+               "-p", "approx_bp", "-o", str(tmp_path / "out.pt2"), "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    program, report = load_program(tmp_path / "out.pt2")
+    (name,) = program.graph_signature.user_inputs
+    token_input = next(n for n in program.graph.nodes if n.name == name)
+    assert token_input.meta["val"].dtype == torch.int64
+    rewritten = load(tmp_path / "out.pt2")
+    assert {"rewrite.resilu2", "rewrite.ms_rms_norm"} <= _op_names(rewritten)
+    tokens = torch.randint(0, 256, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(tokens), files["llama"](tokens), rtol=1e-4, atol=1e-5)
+    assert report["model"] == "LlamaDecoder"
+
+
+# -- inspect -----------------------------------------------------------------------------------
+
+
+def test_inspect_rewritten_pt2(pt2_run, capsys):
+    assert main(["inspect", str(pt2_run["folder"] / "out.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "torch.export program" in out
+    assert "input  x: f32[4, 64]" in out and "output" in out
+    assert "rewrite ops: rewrite.ms_layer_norm x2, rewrite.regelu2 x2" in out
+    assert "approx_bp: 4 changed, 0 left alone, exact forward, approximate backward" in out
+    assert "saved for backward" in out and "gradient error" in out
+    assert "= rewrite.regelu2(" not in out  # no graph without --graph
+
+
+def test_inspect_with_graph_prints_one_node_a_line(pt2_run, capsys):
+    assert main(["inspect", str(pt2_run["folder"] / "out.pt2"), "--graph"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert sum("= rewrite.regelu2(" in line for line in lines) == 2
+    assert sum("= rewrite.ms_layer_norm(" in line for line in lines) == 2
+    assert any(line.startswith("return ") for line in lines)
+    assert "x: f32[4, 64]" in lines
+
+
+def test_inspect_plain_pt2_has_no_report(files, capsys):
+    assert main(["inspect", str(files["folder"] / "mlp.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "torch.export program" in out and "aten.gelu" in out
+    assert "rewrite ops" not in out and "rewritten from" not in out
+
+
+@pytest.mark.parametrize("name", ["mlp.pt", "mlp.safetensors"])
+def test_inspect_state_dict(files, capsys, name):
+    path = files["folder"] / name
+    digest = _sha256(path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    state = files["mlp"].state_dict()
+    assert f"state dict, {len(state)} tensors, {sum(t.numel() for t in state.values()):,} values" in out
+    assert "body.1.weight" in out and "f32[256, 64]" in out and "head.bias" in out
+    assert _sha256(path) == digest
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _assert_refused(capsys, argv, folder: Path, mentions=(), untouched=()) -> str:
+    """main(argv) exits 2 with one `error:` line that mentions each string, writes nothing into
+    ``folder`` and leaves the files in ``untouched`` byte-identical."""
+    listing = _listing(folder)
+    digests = {Path(p): _sha256(p) for p in untouched}
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in mentions:
+        assert str(text) in lines[0], f"{text!r} not in {lines[0]!r}"
+    assert _listing(folder) == listing, "something was written"
+    for path, digest in digests.items():
+        assert _sha256(path) == digest, f"{path} was modified"
+    return lines[0]
+
+
+def test_missing_input_file(tmp_path, capsys):
+    missing = tmp_path / "missing.pt2"
+    _assert_refused(capsys, ["run", missing, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"], tmp_path,
+                    mentions=[missing, "no such file"])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".safetensors"])
+def test_corrupt_input_file(tmp_path, capsys, suffix):
+    bad = tmp_path / f"corrupt{suffix}"
+    bad.write_bytes(_random_bytes())
+    model = [] if suffix == ".pt2" else ["--model", "rewrite.zoo:mlp", "--input-shape", "4,64"]
+    message = _assert_refused(
+        capsys, ["run", bad, *model, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "--report", tmp_path / "r.html", "-q"],
+        tmp_path, mentions=[bad], untouched=[bad],
+    )
+    assert "pickled" not in message  # random bytes are corrupt, not a pickle to refuse
+
+
+def test_truncated_pt2_input(files, tmp_path, capsys):
+    data = (files["folder"] / "mlp.pt2").read_bytes()
+    bad = tmp_path / "truncated.pt2"
+    bad.write_bytes(data[: len(data) // 3])
+    _assert_refused(capsys, ["run", bad, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"], tmp_path,
+                    mentions=[bad], untouched=[bad])
+
+
+def test_pickled_object_is_refused_and_never_unpickled(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"body.0.weight": torch.ones(64), "payload": WritesMarker(marker)}, evil)
+    message = _assert_refused(
+        capsys, ["run", evil, "--model", "rewrite.zoo:mlp", "--input-shape", "4,64", "-p", "approx_bp",
+                 "-o", tmp_path / "out.pt2", "-q"],
+        tmp_path, mentions=[evil, "state dict"], untouched=[evil],
+    )
+    assert "pickled" in message
+    assert not marker.exists()
+    _assert_refused(capsys, ["inspect", evil], tmp_path, mentions=[evil], untouched=[evil])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "spec,mentions",
+    [
+        ("remat_nonexistent", ["remat_nonexistent", "approx_bp"]),
+        ("approx_bp{fold=true}", ["fold", "gelu", "silu", "norms"]),
+        ("approx_bp{norms=maybe}", ["norms", "maybe", "bool"]),
+        ("approx_bp{norms}", ["norms", "value"]),
+        ("approx_bp{norms=false", ["approx_bp{norms=false"]),
+    ],
+)
+def test_bad_pass_spec(files, tmp_path, capsys, spec, mentions):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    _assert_refused(capsys, ["run", source, "-p", spec, "-o", tmp_path / "out.pt2", "-q"], tmp_path,
+                    mentions=mentions, untouched=[source])
+
+
+def test_state_dict_without_model(files, tmp_path, capsys):
+    source = _copy(files, "mlp.safetensors", tmp_path)
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"], tmp_path,
+                    mentions=[source, "--model"], untouched=[source])
+
+
+@pytest.mark.parametrize(
+    "model,extra,mentions",
+    [
+        ("cli_test_no_such_module:build", [], ["cli_test_no_such_module", "import"]),
+        ("rewrite.zoo", [], ["rewrite.zoo", "package.module:factory"]),
+        ("rewrite.zoo:BUILTIN", [], ["BUILTIN", "callable"]),
+        ("rewrite.zoo:no_such_factory", [], ["no_such_factory"]),
+        ("builtins:dict", [], ["dict", "not a torch.nn.Module"]),
+        ("rewrite.zoo:build", [], ["rewrite.zoo:build", "calling it failed"]),
+        ("rewrite.zoo:mlp", ["--model-kwargs", "{hidden: 32"], ["--model-kwargs", "JSON"]),
+        ("rewrite.zoo:mlp", ["--model-kwargs", "[32]"], ["--model-kwargs", "object"]),
+        ("rewrite.zoo:mlp", ["--model-kwargs", '{"widthh": 32}'], ["widthh"]),
+    ],
+)
+def test_bad_model(files, tmp_path, capsys, model, extra, mentions):
+    source = _copy(files, "mlp.pt", tmp_path)
+    _assert_refused(
+        capsys, ["run", source, "--model", model, *extra, "--input-shape", "4,64", "-p", "approx_bp",
+                 "-o", tmp_path / "out.pt2", "-q"],
+        tmp_path, mentions=mentions, untouched=[source],
+    )
+
+
+def test_state_dict_with_missing_and_unexpected_keys(files, tmp_path, capsys):
+    state = dict(files["mlp"].state_dict())
+    state["head.kernel"] = state.pop("head.weight")
+    source = tmp_path / "renamed.pt"
+    torch.save(state, source)
+    _assert_refused(
+        capsys, ["run", source, "--model", "rewrite.zoo:mlp", "--input-shape", "4,64", "-p", "approx_bp",
+                 "-o", tmp_path / "out.pt2", "-q"],
+        tmp_path, mentions=[source, "rewrite.zoo:mlp", "missing", "head.weight", "unexpected", "head.kernel"],
+        untouched=[source],
+    )
+
+
+def test_state_dict_with_the_wrong_shapes(files, tmp_path, capsys):
+    source = _copy(files, "mlp32.pt", tmp_path)  # hidden=32 weights, default (hidden=256) model
+    _assert_refused(
+        capsys, ["run", source, "--model", "rewrite.zoo:mlp", "--input-shape", "4,64", "-p", "approx_bp",
+                 "-o", tmp_path / "out.pt2", "-q"],
+        tmp_path, mentions=[source, "rewrite.zoo:mlp", "body.1.weight"], untouched=[source],
+    )
+
+
+def test_model_torch_export_cannot_capture(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cli_branchy_model.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Branchy(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(8, 8)
+
+            def forward(self, x):
+                if x.sum() > 0:
+                    return self.fc(x)
+                return -self.fc(x)
+
+        def build():
+            return Branchy()
+    """))
+    source = tmp_path / "branchy.pt"
+    torch.save({"fc.weight": torch.randn(8, 8), "fc.bias": torch.randn(8)}, source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI may add the working folder
+    monkeypatch.delitem(sys.modules, "cli_branchy_model", raising=False)
+    try:
+        message = _assert_refused(
+            capsys, ["run", "branchy.pt", "--model", "cli_branchy_model:build", "--input-shape", "4,8",
+                     "-p", "approx_bp", "-o", "out.pt2", "-q"],
+            tmp_path, mentions=["Branchy", "data-dependent", "cli_branchy_model.py"], untouched=[source],
+        )
+    finally:
+        sys.modules.pop("cli_branchy_model", None)
+    assert "if x.sum() > 0" in message
+
+
+@pytest.mark.parametrize(
+    "output,mentions",
+    [("out.pt", ["-o", "out.pt", ".pt2"]), ("out", ["-o", ".pt2"]), ("nodir/out.pt2", ["nodir", "does not exist"])],
+)
+def test_bad_output_path(files, tmp_path, capsys, output, mentions):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", tmp_path / output, "-q"], tmp_path,
+                    mentions=mentions, untouched=[source])
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_output_equal_to_input(files, tmp_path, capsys):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", source, "-q"], tmp_path,
+                    mentions=["-o", "input"], untouched=[source])
+    # the same file spelled differently
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", f"{tmp_path}/../{tmp_path.name}/mlp.pt2", "-q"], tmp_path,
+                    mentions=["input"], untouched=[source])
+
+
+@pytest.mark.parametrize("report,mentions", [("r.txt", ["--report", "r.txt", ".html"]), ("r.pdf", ["--report"]),
+                                             ("nodir/r.html", ["--report", "nodir"])])
+def test_bad_report_path(files, tmp_path, capsys, report, mentions):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "--report",
+                             tmp_path / report, "-q"], tmp_path, mentions=mentions, untouched=[source])
+
+
+@pytest.mark.parametrize(
+    "args,mentions",
+    [
+        (["--input-shape", "4,abc"], ["--input-shape", "4,abc"]),
+        (["--input-shape", "4,64", "--input-dtype", "float8"], ["--input-dtype", "float8"]),
+        ([], ["--input-shape"]),
+    ],
+)
+def test_bad_input_description(files, tmp_path, capsys, args, mentions):
+    source = _copy(files, "mlp.pt", tmp_path)
+    _assert_refused(capsys, ["run", source, "--model", "rewrite.zoo:mlp", *args, "-p", "approx_bp",
+                             "-o", tmp_path / "out.pt2", "-q"], tmp_path, mentions=mentions, untouched=[source])
+
+
+def test_pt2_with_model_option(files, tmp_path, capsys):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    _assert_refused(capsys, ["run", source, "--model", "rewrite.zoo:mlp", "-p", "approx_bp", "-o",
+                             tmp_path / "out.pt2", "-q"], tmp_path, mentions=["--model"], untouched=[source])
+
+
+def test_unknown_input_type(tmp_path, capsys):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"onnx")
+    for argv in (["run", source, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"], ["inspect", source]):
+        _assert_refused(capsys, argv, tmp_path, mentions=[source, ".onnx"], untouched=[source])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".safetensors"])
+def test_inspect_bad_files(tmp_path, capsys, suffix):
+    bad = tmp_path / f"corrupt{suffix}"
+    bad.write_bytes(_random_bytes())
+    _assert_refused(capsys, ["inspect", bad], tmp_path, mentions=[bad], untouched=[bad])
+    _assert_refused(capsys, ["inspect", tmp_path / f"missing{suffix}"], tmp_path, mentions=["missing", "no such file"])
+
+
+def test_error_without_quiet_is_still_one_error_line(files, tmp_path, capsys):
+    source = _copy(files, "mlp32.pt", tmp_path)
+    rc = main(["run", str(source), "--model", "rewrite.zoo:mlp", "--input-shape", "4,64", "-p", "approx_bp",
+               "-o", str(tmp_path / "out.pt2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    assert all(line.startswith(("error: ", "[")) for line in err.splitlines() if line.strip())
+
+
+# -- the real command --------------------------------------------------------------------------
+
+
+def _subprocess(argv: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess, *mentions) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for text in mentions:
+        assert str(text) in lines[0]
+    assert proc.stdout == ""
+
+
+def test_console_script_exits_2_with_one_error_line(files, tmp_path):
+    script = Path(sys.executable).parent / "rewrite"
+    assert script.exists(), f"the console script is not installed next to {sys.executable}"
+    source = _copy(files, "mlp32.pt", tmp_path)  # weights that do not fit the default mlp
+    digest = _sha256(source)
+    proc = _subprocess([script, "run", source, "--model", "rewrite.zoo:mlp", "--input-shape", "4,64",
+                        "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"], tmp_path)
+    _assert_one_error_line(proc, source, "does not fit")
+    assert _listing(tmp_path) == ["mlp32.pt"]
+    assert _sha256(source) == digest
+
+
+def test_python_m_rewrite_exits_2_with_one_error_line(files, tmp_path):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    digest = _sha256(source)
+    proc = _subprocess([sys.executable, "-m", "rewrite", "run", source, "-p", "approx_bp{fold=true}",
+                        "-o", tmp_path / "out.pt2", "-q"], tmp_path)
+    _assert_one_error_line(proc, "fold", "norms")
+    proc = _subprocess([sys.executable, "-m", "rewrite", "inspect", tmp_path / "missing.pt2"], tmp_path)
+    _assert_one_error_line(proc, "missing.pt2")
+    assert _listing(tmp_path) == ["mlp.pt2"]
+    assert _sha256(source) == digest

@@ -1,0 +1,373 @@
+"""optimize and the module it returns: a drop-in replacement that is called like the model,
+shares its parameters (except those a pass replaced), trains, switches train/eval, carries
+before/after/report, and leaves the user's model as it was, also when a pass fails."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from helpers import randomize_norms
+
+import passes
+import rewrite
+from rewrite import Pass, PassError, PassResult, RewrittenModule, optimize
+
+aten = torch.ops.aten
+
+
+class Net(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Dropout -> BatchNorm -> Linear, optional keyword scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.3)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x, scale=None):
+        out = self.fc2(self.bn(self.drop(self.act(self.fc1(self.norm(x))))))
+        return out if scale is None else out * scale
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    model = randomize_norms(Net(), seed)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _inputs(batch=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 16, generator=gen), torch.randn(batch, 4, generator=gen)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state(model, snapshot):
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    for key, value in snapshot.items():
+        assert torch.equal(state[key], value), key
+
+
+def _flags(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def _mode_flags(gm) -> dict[str, list[bool]]:
+    flags = {"dropout": [], "batch_norm": []}
+    for node in gm.graph.nodes:
+        if node.target is aten.dropout.default:
+            flags["dropout"].append(node.args[2])
+        elif node.target is aten.batch_norm.default:
+            flags["batch_norm"].append(node.args[5])
+    return flags
+
+
+@pytest.fixture(scope="module")
+def rewritten():
+    """Net rewritten by approx_bp in train mode, with keyword input `scale`."""
+    model = _net()
+    x, scale = _inputs()
+    model.train()
+    return model, optimize(model, ["approx_bp"], (x,), {"scale": scale}, mode="train")
+
+
+# -- called like the original --------------------------------------------------------------
+
+
+def test_the_result_is_called_like_the_original(rewritten):
+    model, m = rewritten
+    assert isinstance(m, RewrittenModule) and isinstance(m, nn.Module)
+    m.eval()
+    model.eval()
+    try:
+        for batch in (6, 3):  # the batch was captured as dynamic
+            x, scale = _inputs(batch, seed=batch)
+            expected = model(x, scale=scale)
+            torch.testing.assert_close(m(x, scale=scale), expected)
+            torch.testing.assert_close(m(x, scale), expected)  # positionally too
+    finally:
+        m.train()
+        model.train()
+
+
+def test_positional_inputs():
+    model = _net().eval()
+    x, scale = _inputs()
+    m = optimize(model, ["approx_bp{norms=false}"], (x, scale))
+    torch.testing.assert_close(m(x, scale), model(x, scale))
+    torch.testing.assert_close(m(x, scale=scale), model(x, scale=scale))
+    x7, scale7 = _inputs(7, seed=7)
+    torch.testing.assert_close(m(x7, scale7), model(x7, scale7))
+
+
+def test_parameters_are_shared_except_those_a_pass_replaced(rewritten):
+    model, m = rewritten
+    original = dict(model.named_parameters())
+    result = dict(m.named_parameters())
+    # approx_bp folded the LayerNorm into fc1: the norm's parameters are gone, fc1's are new
+    assert set(original) - set(result) == {"norm.weight", "norm.bias"}
+    replaced = {n for n, p in result.items() if p is not original.get(n)}
+    assert replaced == {"fc1.weight", "fc1.bias"}
+    assert all(result[n] is original[n] for n in ("fc2.weight", "fc2.bias", "bn.weight", "bn.bias"))
+    assert m.bn.running_mean is model.bn.running_mean
+    assert all(p.requires_grad for p in result.values())
+    assert not torch.equal(result["fc1.weight"], original["fc1.weight"])  # folded, not copied
+
+
+def test_an_optimizer_step_trains_every_parameter():
+    model = _net().train()
+    x, scale = _inputs()
+    m = optimize(model, ["approx_bp"], (x,), {"scale": scale})
+    params = dict(m.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    user_fc2 = model.fc2.weight.detach().clone()
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    optimizer.zero_grad()
+    m(x, scale=scale).pow(2).mean().backward()
+    for name, p in params.items():
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
+    optimizer.step()
+    for name, p in params.items():
+        assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
+    assert not torch.equal(model.fc2.weight.detach(), user_fc2)  # shared with the user's model
+
+
+def test_before_after_and_report(rewritten):
+    model, m = rewritten
+    assert isinstance(m.before, fx.GraphModule) and isinstance(m.after, fx.GraphModule)
+    assert m.after is m
+    before_targets = {n.target for n in m.before.graph.nodes}
+    after_targets = {n.target for n in m.graph.nodes}
+    assert aten.gelu.default in before_targets and aten.layer_norm.default in before_targets
+    assert aten.gelu.default not in after_targets and aten.layer_norm.default not in after_targets
+    assert torch.ops.rewrite.regelu2.default in after_targets
+    report = m.report
+    assert isinstance(report, rewrite.Report)
+    assert len(report) == 1 and [p.name for p in report] == ["approx_bp"]
+    assert report.model == "Net" and report.mode == "train"
+    assert sorted(report.dynamic_inputs) == ["scale", "x"]
+    entry = report["approx_bp"]
+    assert {c.before for c in entry.changes} == {"aten.gelu", "aten.layer_norm"}
+    assert entry.seconds > 0 and entry.numerics is not None
+    assert entry.before is not None and entry.after is not None
+    assert "approx_bp" in str(report)
+    args, kwargs = m.example_inputs
+    assert args[0].shape == (6, 16) and set(kwargs) == {"scale"}
+    with pytest.raises(KeyError, match="approx_bp"):
+        report["remat"]
+
+
+def test_the_users_model_is_not_modified_by_a_successful_rewrite():
+    model = _net().train()
+    model.drop.eval()
+    flags, snapshot = _flags(model), _snapshot(model)
+    params = dict(model.named_parameters())
+    x, scale = _inputs()
+    optimize(model, ["approx_bp"], (x,), {"scale": scale}, mode="eval")
+    assert _flags(model) == flags
+    _assert_state(model, snapshot)
+    assert dict(model.named_parameters()) == params
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+# -- train / eval --------------------------------------------------------------------------
+
+
+def test_eval_and_train_switch_dropout_and_batch_norm():
+    model = _net().train()
+    x, scale = _inputs()
+    m = optimize(model, ["approx_bp"], (x,), {"scale": scale}, mode="train")
+    assert m.training
+    assert _mode_flags(m) == {"dropout": [True], "batch_norm": [True]}
+
+    assert m.eval() is m and not m.training
+    assert _mode_flags(m) == {"dropout": [False], "batch_norm": [False]}
+    first, second = m(x, scale=scale), m(x, scale=scale)
+    assert torch.equal(first, second)  # no dropout, running statistics
+    model.eval()
+    torch.testing.assert_close(first, model(x, scale=scale))
+
+    m.train()
+    model.train()
+    assert m.training and _mode_flags(m) == {"dropout": [True], "batch_norm": [True]}
+    torch.manual_seed(3)
+    got = m(x, scale=scale)
+    torch.manual_seed(3)
+    want = model(x, scale=scale)  # the same dropout mask, batch statistics
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, first, atol=1e-3)
+
+
+def test_a_module_captured_in_eval_mode_trains_with_batch_statistics():
+    model = _net().eval()
+    x, scale = _inputs()
+    m = optimize(model, ["approx_bp"], (x,), {"scale": scale})
+    assert not m.training and m.report.mode == "eval"
+    assert _mode_flags(m) == {"dropout": [False], "batch_norm": [False]}
+    torch.testing.assert_close(m(x, scale=scale), model(x, scale=scale))
+    running_mean = model.bn.running_mean.clone()
+    m.train()
+    model.train()
+    torch.manual_seed(5)
+    got = m(x, scale=scale)
+    assert not torch.equal(model.bn.running_mean, running_mean)  # batch statistics were used and recorded
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, model(x, scale=scale))
+
+
+def test_training_flag_follows_the_capture_mode_without_mode_dependent_ops():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    assert not optimize(mlp.eval(), ["approx_bp"], (x,)).training
+    trained = optimize(mlp.train(), ["approx_bp"], (x,))
+    assert trained.training
+    assert not trained.eval().training and trained.train().training
+
+
+def test_the_mode_argument_overrides_the_models_mode():
+    model = _net().eval()
+    x, scale = _inputs()
+    m = optimize(model, [], (x,), {"scale": scale}, mode="train")
+    assert m.training and m.report.mode == "train" and not model.training
+    assert _mode_flags(m) == {"dropout": [True], "batch_norm": [True]}
+    assert len(m.report) == 0
+
+
+# -- how passes are given ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["approx_bp{norms=false}"],
+        "approx_bp{norms=false}",
+        [passes.ApproxBP(norms=False)],
+        passes.ApproxBP(norms=False),
+    ],
+    ids=["spec-list", "spec", "object-list", "object"],
+)
+def test_passes_by_spec_and_object(given):
+    model = _net().eval()
+    x, _ = _inputs()
+    m = optimize(model, given, (x,))
+    entry = m.report["approx_bp"]
+    assert entry.spec == "approx_bp{norms=false}"
+    assert entry.options == {"gelu": True, "silu": True, "norms": False}
+    targets = {n.target for n in m.graph.nodes}
+    assert aten.layer_norm.default in targets and torch.ops.rewrite.regelu2.default in targets
+    assert m.norm.weight is model.norm.weight and m.fc1.weight is model.fc1.weight  # nothing folded
+    torch.testing.assert_close(m(x), model(x))
+
+
+def test_passes_by_name_run_in_order():
+    model = _net().eval()
+    x, _ = _inputs()
+    m = optimize(model, ["approx_bp{gelu=false}", "approx_bp"], (x,))
+    first, second = m.report.passes
+    assert [c.before for c in first.changes] == ["aten.layer_norm"]
+    assert [c.before for c in second.changes] == ["aten.gelu"]
+    assert first.after is not None and second.before is first.after
+
+
+def test_unknown_pass_fails_before_capture():
+    model = _net()
+    with pytest.raises(rewrite.OptionError, match="unknown pass 'approx'"):
+        optimize(model, ["approx"], _inputs()[:1])
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+def test_progress_true_prints_to_stderr(capsys):
+    model = _net().eval()
+    x, _ = _inputs()
+    optimize(model, "approx_bp", (x,), progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert all(line.startswith("[rewrite ") for line in lines)
+    assert "capturing Net" in lines[0]
+    assert any("pass 1/1: approx_bp:" in line and "changed" in line for line in lines)
+    assert any("checking approx_bp on the example inputs" in line for line in lines)
+
+
+def test_progress_false_is_silent_and_a_callable_gets_the_messages(capsys):
+    model = _net().eval()
+    x, _ = _inputs()
+    messages = []
+    optimize(model, "approx_bp", (x,), progress=messages.append)
+    optimize(model, "approx_bp", (x,))
+    assert capsys.readouterr() == ("", "")
+    assert messages[0] == "capturing Net" and messages[1] == "pass 1/1: approx_bp"
+
+
+# -- a failed pass leaves the user's model alone -------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldThenFail(Pass):
+    """Replaces parameters on its copy, then fails."""
+
+    name: ClassVar[str] = "fold_then_fail"
+
+    def run(self, gm, ctx):
+        gm.fc1.weight = nn.Parameter(torch.zeros_like(gm.fc1.weight))
+        del gm.fc2.bias
+        raise ValueError("cannot fold")
+
+
+@dataclass(frozen=True)
+class ExactGeluToRelu(Pass):
+    """Claims to be exact; is not (so it fails after the graph was run in train mode)."""
+
+    name: ClassVar[str] = "exact_gelu_to_relu"
+
+    def run(self, gm, ctx):
+        for node in gm.graph.nodes:
+            if node.target is aten.gelu.default:
+                node.target = aten.relu.default
+        return PassResult()
+
+
+@pytest.mark.parametrize("failing", [FoldThenFail(), ExactGeluToRelu()], ids=["raises", "wrong-numerics"])
+def test_a_failed_pass_leaves_the_users_model_unchanged(failing):
+    model = _net().train()
+    model.bn.eval()  # mixed flags
+    model.drop.eval()
+    flags, snapshot = _flags(model), _snapshot(model)
+    params = dict(model.named_parameters())
+    x, scale = _inputs()
+    with pytest.raises(PassError) as info:
+        optimize(model, ["approx_bp{gelu=false}", failing], (x,), {"scale": scale}, mode="train")
+    assert info.value.pass_name == failing.name
+    assert _flags(model) == flags
+    _assert_state(model, snapshot)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert model.norm.weight is params["norm.weight"] and model.fc2.bias is params["fc2.bias"]
+
+
+def test_verify_false_gives_no_numerics():
+    model = _net().eval()
+    x, _ = _inputs()
+    m = optimize(model, [ExactGeluToRelu()], (x,), verify=False)  # not checked, so not refused
+    assert m.report["exact_gelu_to_relu"].numerics is None
+
+
+def test_stderr_is_left_alone_by_default(capfd):
+    model = _net().eval()
+    optimize(model, "approx_bp", _inputs()[:1])
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

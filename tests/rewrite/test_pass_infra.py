@@ -1,0 +1,323 @@
+"""Pass infrastructure: passes as frozen dataclasses whose fields are options, the registry,
+the CLI spelling of a pipeline (parsed, converted by type, refused with a clear message)."""
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import pytest
+import torch
+import torch.nn as nn
+
+import rewrite
+from rewrite import Change, OptionError, Pass, PassResult, option, optimize, pass_names, register_pass
+from rewrite import pass_infra
+from rewrite.pass_infra import make_pass, parse_pipeline, pass_class, resolve_passes
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry(monkeypatch):
+    """Passes registered by a test are forgotten after it."""
+    monkeypatch.setattr(pass_infra, "_registered", dict(pass_infra._registered))
+
+
+@dataclass(frozen=True)
+class Tunable(Pass):
+    """A pass with one option of every kind.
+
+    Second line of its documentation.
+    """
+
+    name: ClassVar[str] = "tunable"
+    enabled: bool = option(True, "turn it on")
+    count: int = option(3, "how many")
+    ratio: float = option(0.5, "how much")
+    limit: float | None = option(None, "an upper bound, or none")
+    cap: Optional[int] = option(7, "an optional integer")
+    label: str = option("plain", "a name")
+
+    def run(self, gm, ctx):
+        return PassResult()
+
+
+@dataclass(frozen=True)
+class Validated(Pass):
+    name: ClassVar[str] = "validated"
+    ratio: float = option(0.5, "between 0 and 1")
+
+    def __post_init__(self):
+        if not 0 <= self.ratio <= 1:
+            raise ValueError(f"ratio must be between 0 and 1, not {self.ratio}")
+
+    def run(self, gm, ctx):
+        return PassResult()
+
+
+@dataclass(frozen=True)
+class GeluCounter(Pass):
+    """Counts GELUs; doubles nothing."""
+
+    name: ClassVar[str] = "gelu_counter"
+    tag: str = option("seen", "what to call them")
+
+    def run(self, gm, ctx):
+        gelus = [n for n in gm.graph.nodes if n.target is aten.gelu.default]
+        return PassResult(
+            changes=[Change(n.name, "", "aten.gelu", "aten.gelu", self.tag) for n in gelus],
+            figures={"gelus": len(gelus), "mode": ctx.mode},
+        )
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+def test_two_passes_with_their_options():
+    passes = parse_pipeline("approx_bp{norms=false},approx_bp")
+    from passes import ApproxBP
+
+    assert passes == [ApproxBP(norms=False), ApproxBP()]
+    assert passes[0].norms is False and passes[0].gelu is True and passes[0].silu is True
+    assert passes[1].norms is True
+    assert [p.spec() for p in passes] == ["approx_bp{norms=false}", "approx_bp"]
+
+
+def test_whitespace_and_several_options():
+    passes = parse_pipeline("  approx_bp { gelu = false , silu=0 } ,  approx_bp{} ")
+    assert [p.options_dict() for p in passes] == [
+        {"gelu": False, "silu": False, "norms": True},
+        {"gelu": True, "silu": True, "norms": True},
+    ]
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("true", True), ("false", False), ("1", True), ("0", False), ("True", True), ("FALSE", False), ("yes", True), ("no", False)],
+)
+def test_bool_values(text, value):
+    register_pass(Tunable)
+    assert parse_pipeline(f"tunable{{enabled={text}}}")[0].enabled is value
+
+
+def test_values_are_converted_by_the_options_type():
+    register_pass(Tunable)
+    (p,) = parse_pipeline("tunable{count=12,ratio=0.25,limit=1.5,cap=none,label=fancy}")
+    assert p.count == 12 and type(p.count) is int
+    assert p.ratio == 0.25 and type(p.ratio) is float
+    assert p.limit == 1.5 and type(p.limit) is float
+    assert p.cap is None
+    assert p.label == "fancy"
+    (q,) = parse_pipeline("tunable{ratio=2,limit=NONE,cap=4,count=-3}")
+    assert q.ratio == 2.0 and type(q.ratio) is float
+    assert q.limit is None and q.cap == 4 and q.count == -3
+    (r,) = parse_pipeline("tunable{limit=1e-3}")
+    assert r.limit == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "item,option_name,expected",
+    [
+        ("count=2.5", "count", "int"),
+        ("count=many", "count", "int"),
+        ("count=none", "count", "int"),
+        ("ratio=half", "ratio", "float"),
+        ("enabled=maybe", "enabled", "bool"),
+        ("enabled=2", "enabled", "bool"),
+        ("limit=big", "limit", "float or none"),
+        ("cap=0.5", "cap", "int or none"),
+    ],
+)
+def test_a_bad_value_names_the_option_and_the_expected_type(item, option_name, expected):
+    register_pass(Tunable)
+    with pytest.raises(OptionError) as info:
+        parse_pipeline(f"tunable{{{item}}}")
+    message = str(info.value)
+    assert "tunable" in message
+    assert f"option {option_name}=" in message
+    assert f"valid {expected}" in message
+
+
+def test_an_unknown_pass_lists_the_valid_names():
+    register_pass(Tunable)
+    with pytest.raises(OptionError) as info:
+        parse_pipeline("approx_bp,aprox_bp{norms=false}")
+    message = str(info.value)
+    assert "'aprox_bp'" in message
+    assert "approx_bp" in message.split("passes are:")[1]
+    assert "tunable" in message.split("passes are:")[1]
+    with pytest.raises(OptionError, match="unknown pass"):
+        pass_class("nothing_like_it")
+
+
+def test_an_unknown_option_lists_the_passes_options_with_their_help():
+    with pytest.raises(OptionError) as info:
+        parse_pipeline("approx_bp{norm=false}")
+    message = str(info.value)
+    assert "'approx_bp'" in message and "'norm'" in message
+    for name in ("gelu", "silu", "norms"):
+        assert f"{name} (" in message
+    assert "replace GELU" in message  # the option's help
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "approx_bp{norms=false",
+        "approx_bp norms=false}",
+        "approx_bp}",
+        "approx_bp{gelu=true}}",
+        "approx_bp{gelu=true}{silu=false}",
+        "approx_bp approx_bp",
+        ",approx_bp",
+        "approx_bp,,approx_bp",
+        "1approx_bp",
+        "approx-bp",
+        "approx_bp{{gelu=true}}",
+        "approx_bp{norms=false}x",
+    ],
+)
+def test_malformed_specs(text):
+    with pytest.raises(OptionError, match="cannot read the pass list"):
+        parse_pipeline(text)
+
+
+def test_an_option_without_a_value_and_an_empty_pipeline():
+    with pytest.raises(OptionError, match="option 'norms' needs a value"):
+        parse_pipeline("approx_bp{norms}")
+    for text in ("", "   "):
+        with pytest.raises(OptionError, match="no pass given") as info:
+            parse_pipeline(text)
+        assert "approx_bp" in str(info.value)
+
+
+def test_a_value_may_contain_an_equals_sign():
+    register_pass(Tunable)
+    assert parse_pipeline("tunable{label=a=b}")[0].label == "a=b"
+
+
+def test_a_value_the_pass_itself_refuses_is_an_option_error():
+    register_pass(Validated)
+    assert parse_pipeline("validated{ratio=0.75}")[0].ratio == 0.75
+    with pytest.raises(OptionError, match="'validated'.*ratio must be between 0 and 1"):
+        parse_pipeline("validated{ratio=3}")
+    with pytest.raises(OptionError, match="'validated'"):
+        make_pass("validated", {"ratio": -1.0})
+
+
+# -- make_pass / resolve_passes ------------------------------------------------------------
+
+
+def test_make_pass_takes_python_values_as_they_are():
+    register_pass(Tunable)
+    p = make_pass("tunable", {"count": 5, "enabled": False, "label": "x"})
+    assert p == Tunable(count=5, enabled=False, label="x")
+    assert make_pass("tunable") == Tunable()
+    with pytest.raises(OptionError, match="has no option 'size'"):
+        make_pass("tunable", {"size": 3})
+
+
+def test_resolve_passes_accepts_names_specs_and_objects():
+    from passes import ApproxBP
+
+    register_pass(Tunable)
+    obj = Tunable(count=1)
+    resolved = resolve_passes(["approx_bp", "tunable{count=2},approx_bp{gelu=false}", obj])
+    assert resolved == [ApproxBP(), Tunable(count=2), ApproxBP(gelu=False), obj]
+    assert resolved[-1] is obj
+    assert resolve_passes("approx_bp{silu=false}") == [ApproxBP(silu=False)]
+    assert resolve_passes(obj) == [obj]
+    with pytest.raises(OptionError, match="not int"):
+        resolve_passes(["approx_bp", 3])
+    with pytest.raises(OptionError, match="not int"):
+        resolve_passes(3)
+    assert resolve_passes([]) == []
+
+
+@pytest.mark.parametrize("given", [[Tunable], Tunable])
+def test_a_pass_class_instead_of_an_object_says_what_to_write(given):
+    with pytest.raises(OptionError, match=r"Tunable is a pass class; give an object of it, e\.g\. Tunable\(\)"):
+        resolve_passes(given)
+
+
+# -- Pass objects --------------------------------------------------------------------------
+
+
+def test_spec_prints_only_non_default_options_and_parses_back():
+    register_pass(Tunable)
+    assert Tunable().spec() == "tunable"
+    assert Tunable(ratio=0.5, count=3).spec() == "tunable"  # given, but equal to the defaults
+    p = Tunable(enabled=False, ratio=0.125, limit=2.0, cap=None, label="z")
+    assert p.spec() == "tunable{enabled=false,ratio=0.125,limit=2.0,cap=None,label=z}"
+    assert parse_pipeline(p.spec()) == [p]
+    q = Tunable(count=9)
+    assert q.spec() == "tunable{count=9}"
+    assert parse_pipeline(q.spec()) == [q]
+
+
+def test_a_pass_is_a_frozen_dataclass_of_its_options():
+    p = Tunable(count=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.count = 5
+    assert [f.name for f in Tunable.options()] == ["enabled", "count", "ratio", "limit", "cap", "label"]
+    assert Tunable.options()[1].metadata["doc"] == "how many"
+    assert p.options_dict() == {"enabled": True, "count": 4, "ratio": 0.5, "limit": None, "cap": 7, "label": "plain"}
+    assert Tunable.summary() == "A pass with one option of every kind."
+    assert p.exact_forward and p.exact_backward
+    assert Tunable(count=4) == p and hash(Tunable(count=4)) == hash(p)
+    error = p.fail("something is off")
+    assert isinstance(error, rewrite.PassError) and error.pass_name == "tunable"
+    assert str(error) == "pass 'tunable': something is off"
+    assert typing.get_type_hints(Tunable)["name"] == ClassVar[str]
+
+
+def test_option_is_a_field_with_a_default_and_help():
+    f = option(3, "three")
+    assert f.default == 3 and f.metadata["doc"] == "three"
+
+
+# -- registry ------------------------------------------------------------------------------
+
+
+def test_register_pass_then_use_it_by_name_in_optimize():
+    assert "gelu_counter" not in pass_names()
+    assert register_pass(GeluCounter) is GeluCounter  # usable as a decorator
+    assert "gelu_counter" in pass_names() and "approx_bp" in pass_names()
+    assert pass_names() == sorted(pass_names())
+    assert pass_class("gelu_counter") is GeluCounter
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2), nn.GELU())
+    x = torch.randn(3, 4)
+    result = optimize(model, ["gelu_counter{tag=found}"], (x,), mode="eval")
+    report = result.report["gelu_counter"]
+    assert report.figures == {"gelus": 2, "mode": "eval"}
+    assert [c.detail for c in report.changes] == ["found", "found"]
+    assert report.spec == "gelu_counter{tag=found}" and report.options == {"tag": "found"}
+    torch.testing.assert_close(result(x), model(x))
+
+
+def test_a_registered_pass_is_gone_after_the_test_that_registered_it():
+    assert "gelu_counter" not in pass_names() and "tunable" not in pass_names()
+
+
+def test_register_pass_refuses_what_is_not_a_named_pass():
+    class NotAPass:
+        name = "not_a_pass"
+
+    @dataclass(frozen=True)
+    class Nameless(Pass):
+        def run(self, gm, ctx):
+            return PassResult()
+
+    for bad in (NotAPass, Nameless, Tunable(), "tunable"):
+        with pytest.raises(OptionError, match="register_pass needs a Pass subclass"):
+            register_pass(bad)
+    assert "not_a_pass" not in pass_names()
+
+
+def test_builtin_passes_are_loaded_when_first_asked_for():
+    from passes import ApproxBP
+
+    assert pass_class("approx_bp") is ApproxBP
+    assert "approx_bp" in pass_names()

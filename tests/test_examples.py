@@ -1,0 +1,38 @@
+"""The examples and the demo run as a user would run them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rewrite.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_quickstart_trains_saves_and_reloads():
+    out = _run("quickstart.py")
+    assert "pass approx_bp" in out and "step 2: loss" in out
+    assert "outputs equal: True" in out
+
+
+def test_custom_pass_example_fuses_hand_written_swish_then_approx_bp():
+    out = _run("custom_pass.py")
+    assert "x * sigmoid(x) -> aten.silu" in out
+    assert "aten.silu -> rewrite.resilu2" in out
+
+
+@pytest.mark.parametrize("model", ["mlp", "llama"])
+def test_demo(tmp_path, capsys, model):
+    assert main(["demo", "--model", model, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== graph before -> after" in out and "== report ==" in out
+    assert "reloaded: outputs equal" in out
+    assert (tmp_path / f"{model}.pt2").is_file() and (tmp_path / "report.html").is_file()
