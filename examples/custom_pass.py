@@ -11,9 +11,22 @@ import torch.nn as nn
 
 from rewrite import Change, Pass, PassResult, optimize, register_pass
 from rewrite.graph import call_function, module_path
-from rewrite.pattern import op, var
+from rewrite.pattern import Rule, op, var
 
 aten = torch.ops.aten
+
+
+def _swish_to_silu(gm):
+    def rewrite(m) -> Change:
+        node = m.root
+        with gm.graph.inserting_before(node):
+            silu = call_function(gm.graph, aten.silu.default, (m["x"],), like=node)
+        node.replace_all_uses_with(silu)
+        gm.graph.erase_node(node)
+        return Change(node.name, module_path(node), "x * sigmoid(x)", "aten.silu")
+
+    x = var("x")
+    return Rule("swish", op(aten.mul.Tensor, x, op(aten.sigmoid.default, x), commutative=True), rewrite)
 
 
 @register_pass
@@ -24,19 +37,13 @@ class FuseSwish(Pass):
     name: ClassVar[str] = "fuse_swish"
 
     def run(self, gm, ctx) -> PassResult:
-        x = var("x")
-        pattern = op(aten.mul.Tensor, x, op(aten.sigmoid.default, x), commutative=True)
+        rule = _swish_to_silu(gm)
         result = PassResult()
         for node in list(gm.graph.nodes):
-            m = pattern.match(node)
-            if m is None:
-                continue
-            with gm.graph.inserting_before(node):
-                silu = call_function(gm.graph, aten.silu.default, (m["x"],), like=node)
-            node.replace_all_uses_with(silu)
-            gm.graph.erase_node(node)
-            result.changes.append(Change(node.name, module_path(node), "x * sigmoid(x)", "aten.silu"))
-        gm.graph.eliminate_dead_code()
+            change = rule.apply(node)  # a Change, or None where the pattern does not match
+            if change is not None:
+                result.changes.append(change)
+        gm.graph.eliminate_dead_code()  # the sigmoid nodes left without users
         return result
 
 
