@@ -3,6 +3,8 @@ builders with non-trivial norm parameters, and small comparison utilities."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,3 +80,13 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 ROUNDING = {torch.float32: 1e-5, torch.float16: 1e-2, torch.float64: 1e-12}
+
+
+class WritesMarker:
+    """Unpickling this object creates ``path`` (what a malicious checkpoint would do)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -23,6 +23,7 @@ from rewrite import zoo
 from rewrite.cli import build_parser, main
 from rewrite.pass_infra import format_value, pass_class
 from rewrite.serialize import load, load_program
+from helpers import WritesMarker
 
 LLAMA_KWARGS = {"dim": 64, "depth": 1, "heads": 2, "max_seq": 32}
 
@@ -53,16 +54,6 @@ def _op_names(gm) -> set[str]:
 
 def _random_bytes(n: int = 4096) -> bytes:
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)).numpy().tobytes()
-
-
-class WritesMarker:
-    """Unpickling this object creates ``path``."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 # -- inputs ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from rewrite import optimize, zoo
 from rewrite.errors import CaptureError, CheckpointError
 from rewrite.module import RewrittenModule
 from rewrite.serialize import REPORT_FILE, load, load_program, load_state_dict, save
+from helpers import WritesMarker
 
 REWRITE_OPS = ("rewrite.regelu2", "rewrite.ms_layer_norm")
 
@@ -66,16 +67,6 @@ class Branchy(nn.Module):
         if x.sum() > 0:  # data-dependent control flow: torch.export cannot capture it
             return self.fc(x)
         return -self.fc(x)
-
-
-class WritesMarker:
-    """Unpickling this object creates ``path`` (what a malicious checkpoint would do)."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 # -- fixtures ------------------------------------------------------------------------------
