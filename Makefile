@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is pinned to the CPU build this machine's pip finds on disk; Triton for its interpreter.
+# torch==2.13.0: where pip's find-links hold the CPU build (this team's machines) that is what it
+# installs; elsewhere pip downloads the release. Triton is for its CPU interpreter in the tests.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 

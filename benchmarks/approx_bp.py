@@ -3,15 +3,16 @@
 Part 1 (fine-tuning step at realistic widths): a ViT-B-width encoder and a LLaMA-style
 decoder, a few blocks each, full fine-tuning with AdamW. For each: activation memory saved
 for backward (bytes of the distinct storages autograd saves, measured with
-saved_tensors_hooks), training-step time (median of interleaved steps), and on a GPU the peak
+saved_tensors_hooks) in fp32 and under bf16 autocast, training-step time (median of
+interleaved steps; fp32 on the CPU, bf16 autocast on a GPU), and on a GPU the peak
 ``torch.cuda.max_memory_allocated`` of a step.
 
 Part 2 (a few hundred steps of a small real task): a small ViT on scikit-learn's digits and a
-small LLaMA-style character model on text from Python's standard library, trained from the
-same initialisation with the same batches, baseline vs rewritten; the baseline is also run
-with a second data order, which gives the size of the noise.
+small LLaMA-style character model on text from Python's standard library, trained by the
+baseline and by the rewritten model from the same initialisation with the same batches, for
+five seeds; the spread over seeds is the noise the difference is compared with.
 
-    python benchmarks/approx_bp.py            # everything (about 8 minutes on 2 CPU cores)
+    python benchmarks/approx_bp.py            # everything (about 10 minutes on 2 CPU cores)
     python benchmarks/approx_bp.py --quick    # smaller sizes and fewer steps, for a smoke run
     python benchmarks/approx_bp.py --device cuda
 """
@@ -78,10 +79,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _step(model, optimizer, case: StepCase) -> None:
+def _autocast(device: str, enabled: bool):
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _step(model, optimizer, case: StepCase, amp: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
-    case.loss(model(*case.inputs)).backward()
+    with _autocast(case.inputs[0].device.type, amp):
+        loss = case.loss(model(*case.inputs))
+    loss.backward()
     optimizer.step()
+
 
 
 def measure_step(case: StepCase, device: str, steps: int) -> dict:
@@ -92,32 +100,34 @@ def measure_step(case: StepCase, device: str, steps: int) -> dict:
     models = {"baseline": baseline, "approx_bp": rewritten}
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
 
-    saved = {}
+    saved, saved_amp = {}, {}
     for key, model in models.items():
-        with record_saved(model) as record:
-            out = model(*case.inputs)
-        saved[key] = record.total_bytes
-        del out
+        for amp, into in ((False, saved), (True, saved_amp)):
+            with _autocast(device, amp), record_saved(model) as record:
+                out = model(*case.inputs)
+            into[key] = record.total_bytes
+            del out
+    amp = device == "cuda"  # GPU steps run as people train there: bf16 autocast
 
     peak = {}
     if device == "cuda":
         for key, model in models.items():
-            _step(model, optimizers[key], case)  # optimizer state allocated before measuring
+            _step(model, optimizers[key], case, amp)  # optimizer state allocated before measuring
             _sync(device)
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            _step(model, optimizers[key], case)
+            _step(model, optimizers[key], case, amp)
             _sync(device)
             peak[key] = torch.cuda.max_memory_allocated() - base
 
     times = {k: [] for k in models}
     for key in models:  # warm-up
-        _step(models[key], optimizers[key], case)
+        _step(models[key], optimizers[key], case, amp)
     for _ in range(steps):  # interleaved, so drift in the machine's speed hits both alike
         for key, model in models.items():
             _sync(device)
             start = time.perf_counter()
-            _step(model, optimizers[key], case)
+            _step(model, optimizers[key], case, amp)
             _sync(device)
             times[key].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -125,6 +135,7 @@ def measure_step(case: StepCase, device: str, steps: int) -> dict:
     return {
         "name": case.name,
         "saved": saved,
+        "saved_amp": saved_amp,
         "peak": peak,
         "time": median,
         "spread": spread,
@@ -268,18 +279,21 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name()}")
     print(f"machine: {machine()}")
 
-    print("\n## Fine-tuning step (full fine-tuning, AdamW, fp32)\n")
-    header = "| model | saved for backward: baseline | approx_bp | ratio | step time: baseline | approx_bp | ratio |"
+    precision = "bf16 autocast" if device == "cuda" else "fp32"
+    print(f"\n## Fine-tuning step (full fine-tuning, AdamW; steps timed in {precision})\n")
+    header = ("| model | saved for backward, fp32: baseline | approx_bp | ratio | saved, bf16 autocast: baseline | approx_bp | ratio "
+              "| step time: baseline | approx_bp | ratio |")
     if device == "cuda":
         header += " peak step memory: baseline | approx_bp | ratio |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for make in (vit_case, llama_case):
         r = measure_step(make(args.quick, device), device, steps)
-        s, t = r["saved"], r["time"]
+        s, a, t = r["saved"], r["saved_amp"], r["time"]
         row = (
             f"| {r['name']} | {format_bytes(s['baseline'])} | {format_bytes(s['approx_bp'])} | "
-            f"{s['approx_bp'] / s['baseline']:.3f} | {t['baseline'] * 1e3:.0f} ms | {t['approx_bp'] * 1e3:.0f} ms | "
+            f"{s['approx_bp'] / s['baseline']:.3f} | {format_bytes(a['baseline'])} | {format_bytes(a['approx_bp'])} | "
+            f"{a['approx_bp'] / a['baseline']:.3f} | {t['baseline'] * 1e3:.0f} ms | {t['approx_bp'] * 1e3:.0f} ms | "
             f"{t['approx_bp'] / t['baseline']:.3f} |"
         )
         if device == "cuda":

@@ -7,6 +7,9 @@ CPU interpreter (which runs one program at a time).
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 
 ELEMENTWISE_BLOCK = 1024
@@ -14,3 +17,8 @@ ELEMENTWISE_BLOCK = 1024
 
 def elementwise_grid(n: int, block: int = ELEMENTWISE_BLOCK) -> tuple[int]:
     return (triton.cdiv(n, block),)
+
+
+def on_device(t: torch.Tensor):
+    """Launch on the GPU that holds ``t`` (not the current one); nothing to do on the CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.launch import ELEMENTWISE_BLOCK, elementwise_grid
+from codegen.launch import ELEMENTWISE_BLOCK, elementwise_grid, on_device
 
 _ACTIVATIONS = {"regelu2": 0, "resilu2": 1}
 _SQRT1_2 = 0.7071067811865476
@@ -34,7 +34,7 @@ def _step2_forward_kernel(
     BLOCK: tl.constexpr,
 ):
     GROUPS: tl.constexpr = BLOCK // 4
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors may pass 2**31 elements
     group = pid * GROUPS + tl.arange(0, GROUPS)
     lane = tl.arange(0, 4)
     offsets = group[:, None] * 4 + lane[None, :]
@@ -69,7 +69,7 @@ def _step2_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     GROUPS: tl.constexpr = BLOCK // 4
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors may pass 2**31 elements
     group = pid * GROUPS + tl.arange(0, GROUPS)
     lane = tl.arange(0, 4)
     offsets = group[:, None] * 4 + lane[None, :]
@@ -89,18 +89,11 @@ def step2_forward(x: torch.Tensor, activation: str, approximate: str, thresholds
     codes = torch.empty(((n + 3) // 4,), dtype=torch.uint8, device=x.device)
     if n:
         c0, c1, c2 = (float(c) for c in thresholds)
-        _step2_forward_kernel[elementwise_grid(n)](
-            x,
-            y,
-            codes,
-            n,
-            c0,
-            c1,
-            c2,
-            ACTIVATION=_ACTIVATIONS[activation],
-            TANH=approximate == "tanh",
-            BLOCK=ELEMENTWISE_BLOCK,
-        )
+        with on_device(x):
+            _step2_forward_kernel[elementwise_grid(n)](
+                x, y, codes, n, c0, c1, c2,
+                ACTIVATION=_ACTIVATIONS[activation], TANH=approximate == "tanh", BLOCK=ELEMENTWISE_BLOCK,
+            )  # fmt: skip
     return y, codes
 
 
@@ -111,5 +104,6 @@ def step2_backward(grad_out: torch.Tensor, codes: torch.Tensor, slopes) -> torch
     out = torch.empty_like(grad_out)
     if n:
         _, s1, s2, s3 = (float(s) for s in slopes)
-        _step2_backward_kernel[elementwise_grid(n)](grad_out, codes, out, n, s1, s2, s3, BLOCK=ELEMENTWISE_BLOCK)
+        with on_device(grad_out):
+            _step2_backward_kernel[elementwise_grid(n)](grad_out, codes, out, n, s1, s2, s3, BLOCK=ELEMENTWISE_BLOCK)
     return out

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rewrite.capture import capture
-from rewrite.module import RewriteInfo, RewrittenModule, clone_graph_module
+from rewrite.module import RewriteInfo, RewrittenModule, structure_only
 from rewrite.pass_infra import Pass, PassContext, resolve_passes
 from rewrite.pass_manager import PassManager
 from rewrite.report import Report
@@ -17,16 +17,6 @@ from rewrite.report import Report
 
 def _stderr_progress(message: str) -> None:
     print(f"[rewrite {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _model_name(model: torch.nn.Module) -> str:
-    """The user's class name, also for a module that was rewritten (or saved and loaded) before."""
-    if isinstance(model, RewrittenModule):
-        report = model.report
-        name = report.get("model") if isinstance(report, dict) else getattr(report, "model", None)
-        if name:
-            return name
-    return type(model).__name__
 
 
 def optimize(
@@ -63,12 +53,21 @@ def optimize(
         report_progress(f"capturing {type(model).__name__}")
     captured = capture(model, example_inputs, example_kwargs, mode=mode, dynamic_batch=dynamic_batch)
     ctx = PassContext(captured.example_args, captured.example_kwargs, captured.mode)
-    before = clone_graph_module(captured.graph_module)
     final, pass_reports = PassManager(resolved, verify=verify, progress=report_progress).run(
         captured.graph_module, ctx
     )
+    # The graphs kept for inspection hold meta tensors, not the (pre-rewrite) weights.
+    light: dict[int, torch.fx.GraphModule] = {}
+
+    def inspection_copy(gm):
+        if id(gm) not in light:
+            light[id(gm)] = structure_only(gm)
+        return light[id(gm)]
+
+    before = inspection_copy(captured.graph_module)
+    model_name = model.rewrite_info.model_name if isinstance(model, RewrittenModule) else type(model).__name__
     report = Report(
-        model=_model_name(model),
+        model=model_name,
         mode=captured.mode,
         capture_seconds=captured.seconds,
         dynamic_inputs=captured.dynamic_inputs,
@@ -76,10 +75,15 @@ def optimize(
         passes=pass_reports,
     )
     info = RewriteInfo(
+        model_name=model_name,
+        mode=captured.mode,
         before=before,
         report=report,
         example_args=captured.example_args,
         example_kwargs=captured.example_kwargs,
         dynamic_shapes=captured.dynamic_shapes,
     )
-    return RewrittenModule(final, info)
+    rewritten = RewrittenModule(final, info)
+    for entry in pass_reports:
+        entry.before, entry.after = inspection_copy(entry.before), inspection_copy(entry.after)
+    return rewritten

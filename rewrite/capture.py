@@ -180,6 +180,11 @@ def capture(
     except Exception as exc:
         raise export_failure(exc, f"cannot capture {type(model).__name__}") from exc
     finally:
+        # Modules that do more in train() than set the flag (a RewrittenModule flips the flags
+        # in its graph) get train() called again; then every flag is set back as it was.
+        for m, training in was_training.items():
+            if type(m).train is not torch.nn.Module.train:
+                m.train(training)
         for m, training in was_training.items():
             m.training = training
 

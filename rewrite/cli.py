@@ -165,9 +165,9 @@ def _check_outputs(args) -> None:
 
 def cmd_run(args) -> int:
     from rewrite.api import optimize
-    from rewrite.html_report import write_html
+    from rewrite.html_report import render_html
     from rewrite.pass_infra import resolve_passes
-    from rewrite.serialize import STATE_DICT_SUFFIXES, load, load_state_dict, save
+    from rewrite.serialize import STATE_DICT_SUFFIXES, atomic_write, load, load_state_dict, save
 
     progress = Progress(not args.quiet)
     _check_outputs(args)
@@ -211,10 +211,15 @@ def cmd_run(args) -> int:
         verify=not args.no_verify,
         progress=progress,
     )
+    page = render_html(rewritten.report) if args.report else None  # fails before anything is written
     progress(f"saving {args.output}")
-    save(rewritten, args.output)
-    if args.report:
-        write_html(rewritten.report, args.report)
+    saved = save(rewritten, args.output)
+    if page is not None:
+        try:
+            atomic_write(args.report, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        except BaseException:
+            saved.unlink()  # all or nothing: no model without its report
+            raise
         progress(f"wrote {args.report}")
     print(rewritten.report)
     return 0

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from rewrite.graph import format_shape, module_path, op_name
+from rewrite.graph import ASSERT_METADATA, format_shape, module_path, op_name
 
-_HIDDEN_TARGETS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
 def _arg_text(arg) -> str:
@@ -42,7 +41,7 @@ def node_line(node: fx.Node) -> str | None:
         return f"return {_arg_text(node.args[0])}"
     if node.op == "get_attr" or node.op == "call_module":
         return None
-    if node.target in _HIDDEN_TARGETS:
+    if node.target is ASSERT_METADATA:
         return None
     args = [_arg_text(a) for a in node.args] + [f"{k}={_arg_text(v)}" for k, v in node.kwargs.items()]
     if node.target is operator.getitem:

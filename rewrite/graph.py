@@ -17,6 +17,9 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.utils.flop_counter import FlopCounterMode
 
+# torch.export's checks of a value's dtype/device: no output, no effect on the computation.
+ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
+
 # Node metadata that describes where a node came from; copied onto the nodes that replace it.
 _PROVENANCE_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node", "seq_nr")
 
@@ -191,7 +194,7 @@ def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
     position = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(set(nodes), key=position.__getitem__, reverse=True):
         users = list(node.users)
-        if all(u.op == "call_function" and u.target is torch.ops.aten._assert_tensor_metadata.default for u in users):
+        if all(u.target is ASSERT_METADATA for u in users):
             for user in users:
                 graph.erase_node(user)
             graph.erase_node(node)

@@ -2,11 +2,13 @@
 backward, recorded with ``torch.autograd.graph.saved_tensors_hooks``.
 
 A storage saved twice (a norm's output that the next linear also saves) counts once, for the
-node that saved it first. Parameters and buffers are not activations and are left out.
+node that saved it first. Parameters and buffers are not activations and are left out, and so
+are tensors computed from them alone (the bf16 copies of the weights autocast makes).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.graph import module_path
 
@@ -63,11 +67,38 @@ def _state_pointers(module: torch.nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
+class _ParameterCopies(TorchDispatchMode):
+    """Adds to ``pointers`` (storages of parameters and buffers) the storages of tensors
+    computed from those alone, for as long as those tensors live."""
+
+    def __init__(self, pointers: set[int]):
+        super().__init__()
+        self.pointers = pointers
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if inputs and all(t.untyped_storage().data_ptr() in self.pointers for t in inputs):
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    key = t.untyped_storage().data_ptr()
+                    if key not in self.pointers:
+                        self.pointers.add(key)
+                        weakref.finalize(t, self.pointers.discard, key)
+        return out
+
+
+@contextmanager
+def _recording(module: torch.nn.Module):
+    recorder = _SavedRecorder(_state_pointers(module))
+    with _ParameterCopies(recorder.exclude), torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+        yield recorder
+
+
 @contextmanager
 def record_saved(module: torch.nn.Module):
     """Record what autograd saves inside the block (any callable, not only graphs)."""
-    recorder = _SavedRecorder(_state_pointers(module))
-    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+    with _recording(module) as recorder:
         yield recorder.result
 
 
@@ -92,7 +123,6 @@ def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
 
 def run_recording_saved(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[Any, SavedActivations]:
     """Run ``gm`` once, attributing every storage autograd saves to the node that saved it."""
-    recorder = _SavedRecorder(_state_pointers(gm))
-    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+    with _recording(gm) as recorder:
         out = _AttributingInterpreter(gm, recorder).run(*flatten_inputs(gm, args, kwargs))
     return gm.graph._codegen.process_outputs(out), recorder.result

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from rewrite.graph import attr_owner
+
 aten = torch.ops.aten
 
 # Ops whose behaviour torch.export records as a flag: (argument index of the flag).
@@ -28,7 +30,35 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     same parameter and buffer tensors (nothing is copied but the structure)."""
     clone = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
     clone.meta = dict(getattr(gm, "meta", {}))
+    _copy_buffer_persistence(gm, clone)
     return clone
+
+
+def structure_only(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` for inspection whose parameters and buffers are meta tensors (shapes
+    and dtypes, no data), so that keeping it does not keep the weights alive."""
+    clone = clone_graph_module(gm)
+    for name, tensor in [*clone.named_parameters(), *clone.named_buffers()]:
+        owner, leaf = attr_owner(clone, name)
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(meta, requires_grad=tensor.requires_grad))
+        else:
+            setattr(owner, leaf, meta)
+    return clone
+
+
+def _copy_buffer_persistence(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """GraphModule registers every buffer it copies as persistent; mark again those that were
+    not (state_dict() must have the keys the original model's has)."""
+    for name, _ in source.named_buffers():
+        owner, leaf = attr_owner(source, name)
+        if leaf in owner._non_persistent_buffers_set:
+            try:
+                target_owner, _ = attr_owner(target, name)
+            except AttributeError:
+                continue  # the copy does not read this buffer
+            target_owner._non_persistent_buffers_set.add(leaf)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -45,25 +75,32 @@ def _is_batch_counter_increment(node: fx.Node) -> bool:
     return isinstance(counter, fx.Node) and counter.op == "get_attr" and counter.target.endswith("num_batches_tracked")
 
 
+def _mode_flags(graph: fx.Graph):
+    """(node, argument index) of every train/eval flag torch.export recorded in the graph."""
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        index = _MODE_FLAG_ARG.get(node.target)
+        if index is None or len(node.args) <= index:
+            continue
+        if node.target is aten.batch_norm.default and node.args[3] is None:
+            continue  # no running statistics: batch statistics in both modes
+        yield node, index
+
+
 def set_graph_mode(gm: fx.GraphModule, training: bool) -> bool:
     """Flip the train/eval flags recorded in the graph (dropout, batch norm with running
     statistics, the batch counter); True when anything changed."""
     changed = False
+    for node, index in _mode_flags(gm.graph):
+        if node.args[index] != training:
+            node.update_arg(index, training)
+            changed = True
+    increment = 1 if training else 0
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        index = _MODE_FLAG_ARG.get(node.target)
-        if index is not None and len(node.args) > index:
-            if node.target is aten.batch_norm.default and node.args[3] is None:
-                continue  # no running statistics: batch statistics in both modes
-            if node.args[index] != training:
-                node.update_arg(index, training)
-                changed = True
-        elif _is_batch_counter_increment(node):
-            increment = 1 if training else 0
-            if node.args[1] != increment:
-                node.update_arg(1, increment)
-                changed = True
+        if _is_batch_counter_increment(node) and node.args[1] != increment:
+            node.update_arg(1, increment)
+            changed = True
     if changed:
         gm.recompile()
     return changed
@@ -71,6 +108,8 @@ def set_graph_mode(gm: fx.GraphModule, training: bool) -> bool:
 
 @dataclass
 class RewriteInfo:
+    model_name: str  # the user's model class
+    mode: str  # "train" or "eval": the mode it was captured in
     before: fx.GraphModule | None
     report: Any
     example_args: tuple
@@ -83,24 +122,23 @@ class RewrittenModule(fx.GraphModule):
     mode-dependent ops torch.export recorded (dropout, batch norm); branches of the model's
     Python on ``self.training`` were fixed when it was captured.
 
-    ``before``: the captured graph; ``after``: this graph; ``report``: what the passes did.
+    ``before``: the captured graph (for inspection: its tensors are meta tensors); ``after``:
+    this graph; ``report``: what the passes did.
     """
 
     def __init__(self, graph_module: fx.GraphModule, info: RewriteInfo):
         super().__init__(graph_module, _copy_graph(graph_module.graph), class_name="RewrittenModule")
         self.meta = dict(getattr(graph_module, "meta", {}))
+        _copy_buffer_persistence(graph_module, self)
         self.rewrite_info = info
-        self.training = self._graph_training()
+        flags = [bool(node.args[index]) for node, index in _mode_flags(self.graph)]
+        self.training = flags[0] if flags else info.mode == "train"
 
-    def _graph_training(self) -> bool:
-        for node in self.graph.nodes:
-            index = _MODE_FLAG_ARG.get(node.target)
-            if index is not None and len(node.args) > index and not (node.target is aten.batch_norm.default and node.args[3] is None):
-                return bool(node.args[index])
-        # No mode-dependent op: the mode it was captured in (a saved report is a dict).
-        report = self.rewrite_info.report
-        mode = report.get("mode") if isinstance(report, dict) else getattr(report, "mode", None)
-        return mode == "train" if mode in ("train", "eval") else self.training
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)  # keeps only what the graph reads
+        copied.rewrite_info = copy.deepcopy(self.rewrite_info, memo)
+        _copy_buffer_persistence(self, copied)
+        return copied
 
     @property
     def before(self) -> fx.GraphModule | None:

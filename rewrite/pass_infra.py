@@ -9,7 +9,9 @@
         def run(self, gm, ctx) -> PassResult: ...
 
 ``check`` is the precondition (raise ``PassError`` with what to do), ``run`` rewrites ``gm``
-in place and returns what it changed and what it left alone and why. Whether the pass is
+in place and returns what it changed and what it left alone and why, ``postcondition`` checks
+what must hold afterwards. Every node a pass adds carries ``meta["val"]`` (the helpers in
+``rewrite.graph`` fill it), which later passes and the reports read. Whether the pass is
 exact is declared by ``exact_forward`` / ``exact_backward``; the PassManager holds the pass
 to it on the example inputs and reports the error of an approximate one.
 
@@ -82,6 +84,15 @@ class PassResult:
 class Pass(ABC):
     name: ClassVar[str]
 
+    def __post_init__(self):
+        hints = _field_types(type(self))
+        for f in self.options():
+            value, annotation = getattr(self, f.name), hints.get(f.name)
+            if annotation is not None and not _has_type(value, annotation):
+                raise OptionError(
+                    f"pass {self.name!r}: option {f.name}={value!r} must be {_type_text(annotation)} ({f.metadata.get('doc', '')})"
+                )
+
     @property
     def exact_forward(self) -> bool:
         """Outputs equal the original's up to float rounding."""
@@ -94,6 +105,9 @@ class Pass(ABC):
 
     def check(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """Precondition; raise PassError saying what is wrong and what to do."""
+
+    def postcondition(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> None:
+        """What must hold after ``run``; raise PassError when it does not."""
 
     @abstractmethod
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -158,8 +172,33 @@ def _field_types(cls: type[Pass]) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _kinds(annotation: Any) -> tuple:
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    return typing.get_args(annotation) if union else (annotation,)
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits an option's annotation (bool, int, float, str, None, unions of
+    these); other annotations are not checked."""
+    checks = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        type(None): lambda v: v is None,
+    }
+    kinds = _kinds(annotation)
+    if not all(k in checks for k in kinds):
+        return True
+    return any(checks[k](value) for k in kinds)
+
+
+def _type_text(annotation: Any) -> str:
+    return " or ".join("none" if k is type(None) else getattr(k, "__name__", str(k)) for k in _kinds(annotation))
+
+
 def _convert(pass_name: str, option_field: dataclasses.Field, annotation: Any, text: str) -> Any:
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    kinds = _kinds(annotation)
     lowered = text.strip().lower()
     if type(None) in kinds and lowered in ("none", "null"):
         return None
@@ -178,8 +217,7 @@ def _convert(pass_name: str, option_field: dataclasses.Field, annotation: Any, t
                 pass
     if str in kinds:
         return text.strip()
-    expected = " or ".join("none" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds)
-    raise OptionError(f"pass {pass_name!r}: option {option_field.name}={text!r} is not a valid {expected}")
+    raise OptionError(f"pass {pass_name!r}: option {option_field.name}={text!r} is not a valid {_type_text(annotation)}")
 
 
 def make_pass(name: str, raw_options: dict[str, Any] | None = None) -> Pass:

@@ -56,6 +56,10 @@ class PassManager:
             work.recompile()
         except Exception as exc:
             raise PassError(p.name, f"left a broken graph: {exc}") from exc
+        missing = [n.name for n in work.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+        if missing:
+            raise PassError(p.name, f"left nodes without metadata (meta['val']): {', '.join(missing[:5])}")
+        p.postcondition(work, ctx, result)
         numerics = self._check_numerics(p, gm, work, ctx) if self.verify else None
         report = PassReport(
             name=p.name,

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 
-_ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
+from rewrite.graph import ASSERT_METADATA
+
 
 
 class Pattern(ABC):
@@ -158,7 +158,7 @@ class Match:
             n
             for n in self.nodes
             if n is not self.root
-            and any(u not in inside and u.target is not _ASSERT_METADATA for u in n.users)
+            and any(u not in inside and u.target is not ASSERT_METADATA for u in n.users)
         ]
 
 

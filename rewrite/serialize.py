@@ -150,7 +150,16 @@ def load(path: str | os.PathLike) -> RewrittenModule:
     module = program.module()
     # Dim.AUTO on the batch: saving the loaded module again keeps a dynamic batch dynamic (and a static one static).
     dynamic_shapes = batch_dynamic_shapes(module, args, kwargs) if args or kwargs else None
-    info = RewriteInfo(before=None, report=report, example_args=args, example_kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+    report = report or {}
+    info = RewriteInfo(
+        model_name=report.get("model", "ExportedProgram"),
+        mode=report.get("mode", "train" if module.training else "eval"),
+        before=None,
+        report=report or None,
+        example_args=args,
+        example_kwargs=kwargs,
+        dynamic_shapes=dynamic_shapes,
+    )
     return RewrittenModule(module, info)
 
 

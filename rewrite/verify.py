@@ -96,7 +96,9 @@ def _run(gm: fx.GraphModule, args: tuple, kwargs: dict, seed: int, targets: list
     ]
     call_args, call_kwargs = pytree.tree_unflatten(inputs, spec)
     params = dict(gm.named_parameters())
-    with torch.random.fork_rng(devices=[]):
+    # manual_seed reseeds every GPU too: fork (and so restore) the generators of all of them.
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         out, saved = run_recording_saved(gm, call_args, call_kwargs)
     outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

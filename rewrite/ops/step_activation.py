@@ -11,7 +11,8 @@ Ops (all with fake kernels, so they export, save in .pt2 and compile):
     torch.ops.rewrite.resilu2(x) -> (silu(x), codes)
     torch.ops.rewrite.step2_backward(grad_out, codes, slopes) -> grad_in
 
-``codes`` is a flat uint8 tensor of ceil(x.numel() / 4) bytes in x's row-major order.
+``codes`` is a flat uint8 tensor of ceil(x.numel() / 4) bytes in x's row-major order; the
+outputs are contiguous whatever the layout of the inputs.
 """
 
 from __future__ import annotations
@@ -104,16 +105,17 @@ def _activation(kind: str, x: torch.Tensor, approximate: str) -> torch.Tensor:
 
 
 def _forward(approx: StepApproximation, x: torch.Tensor, approximate: str):
+    x = x.contiguous()
     if kernels.wants_triton(x):
         from codegen.step_activation import step2_forward
 
         return step2_forward(x, approx.name, approximate, approx.c)
     y = _activation(approx.name, x, approximate)
-    return y, pack2(step_codes(x.reshape(-1), approx.c))
+    return y, pack2(step_codes(x.view(-1), approx.c))
 
 
 def _fake_forward(x: torch.Tensor):
-    return torch.empty_like(x), x.new_empty((packed_size(x.numel()),), dtype=torch.uint8)
+    return x.new_empty(x.shape), x.new_empty((packed_size(x.numel()),), dtype=torch.uint8)
 
 
 @torch.library.custom_op("rewrite::regelu2", mutates_args=())
@@ -143,6 +145,7 @@ def _(x):
 @torch.library.custom_op("rewrite::step2_backward", mutates_args=())
 def step2_backward(grad_out: torch.Tensor, codes: torch.Tensor, slopes: list[float]) -> torch.Tensor:
     """grad_out * slopes[code], codes unpacked from ``codes``."""
+    grad_out = grad_out.contiguous()
     if kernels.wants_triton(grad_out):
         from codegen.step_activation import step2_backward as triton_backward
 
@@ -157,7 +160,7 @@ def step2_backward(grad_out: torch.Tensor, codes: torch.Tensor, slopes: list[flo
 
 @step2_backward.register_fake
 def _(grad_out, codes, slopes):
-    return torch.empty_like(grad_out, memory_format=torch.contiguous_format)
+    return grad_out.new_empty(grad_out.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -291,3 +291,136 @@ def test_report_states_what_it_measured():
     assert "final" not in text
     assert any(c.where == "layers.0.mlp" and c.after == "rewrite.resilu2" for c in report.changes)
     assert rewrite.Report is type(rewritten.report)
+
+
+class SliceInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        F.silu(h[:, :4], inplace=True)  # mutates h through a view
+        return self.out(h)
+
+
+class ViewThenInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        v = h.view(-1)
+        F.silu(h, inplace=True)  # v sees the mutation
+        return v * 2
+
+
+@pytest.mark.parametrize("model_class", [SliceInPlace, ViewThenInPlace])
+@pytest.mark.parametrize("verify", [True, False])
+def test_in_place_activation_of_aliased_memory_is_left_alone(model_class, verify):
+    model, x = model_class(), torch.randn(4, 8)
+    rewritten = optimize(model, ["approx_bp"], (x,), verify=verify)
+    report = rewritten.report["approx_bp"]
+    assert not report.changes and "shares memory" in report.skipped[0].reason
+    torch.testing.assert_close(rewritten(x), model(x))
+
+
+def test_activation_and_in_place_activation_of_one_tensor():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc(x)
+            a = F.gelu(h)
+            return a + F.silu(h, inplace=True)
+
+    model, x = M(), torch.randn(4, 8)
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    assert [c.after for c in rewritten.report["approx_bp"].changes] == ["rewrite.regelu2", "rewrite.resilu2"]
+    torch.testing.assert_close(rewritten(x), model(x))
+
+
+class ScaledRMS(nn.Module):
+    def __init__(self, weight_shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(weight_shape) + 0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.fc(self.weight * x)
+
+
+@pytest.mark.parametrize("shape", [(8,), (1,), (1, 1, 8)])
+def test_hand_written_rms_norm_weights_of_any_broadcast_shape_fold(shape):
+    model, x = ScaledRMS(shape), torch.randn(2, 3, 8)
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    assert _count(rewritten, "ms_rms_norm") == 1
+    assert rel_error(rewritten(x), model(x)) < 1e-5
+
+
+def test_a_weight_per_position_is_not_folded():
+    model, x = ScaledRMS((3, 8)), torch.randn(2, 3, 8)
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    (skip,) = rewritten.report["approx_bp"].skipped
+    assert "not one value per feature" in skip.reason
+    torch.testing.assert_close(rewritten(x), model(x))
+
+
+def test_a_norm_computed_in_lower_precision_than_its_input_is_left_alone():
+    model, inputs = build("llama", torch.float64)
+    rewritten = optimize(model, ["approx_bp"], inputs)
+    report = rewritten.report["approx_bp"]
+    assert len(report.skipped) == 5 and all("computes in torch.float32" in s.reason for s in report.skipped)
+    assert report.numerics.forward_within_rounding
+
+
+def test_under_autocast_the_norms_still_share_memory_with_the_linear_layers():
+    model, inputs = build("vit")
+    rewritten = optimize(model, ["approx_bp"], inputs)
+    norms_only = optimize(model, ["approx_bp{gelu=false}"], inputs)
+    saved = {}
+    for name, module in (("baseline", model), ("approx_bp", rewritten), ("norms", norms_only)):
+        with torch.autocast("cpu", dtype=torch.bfloat16), record_saved(module) as record:
+            out = module(*inputs)
+        saved[name] = record.total_bytes
+        assert out.dtype == torch.bfloat16
+    assert saved["norms"] < 0.9 * saved["baseline"]  # the norms alone save memory under AMP
+    assert saved["approx_bp"] <= 0.8 * saved["baseline"]  # (bf16 copies of the weights count here too)
+
+
+def test_folding_keeps_what_trains():
+    # A frozen norm folded into a trainable linear without bias: the new bias is frozen like beta.
+    frozen = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4, bias=False))
+    frozen[0].requires_grad_(False)
+    x = torch.randn(2, 8)
+    params = dict(optimize(frozen, ["approx_bp"], (x,)).named_parameters())
+    assert params["1.weight"].requires_grad and not params["1.bias"].requires_grad
+    # A trainable beta folded into a frozen bias would freeze it: left alone.
+    mixed = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4))
+    mixed[1].bias.requires_grad_(False)
+    report = optimize(mixed, ["approx_bp"], (x,)).report["approx_bp"]
+    assert "bias is frozen" in report.skipped[0].reason
+    # Without gamma (bias only) the linear's weight is not replaced: it stays shared with the model.
+    class BiasOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(8, bias=True), nn.Linear(8, 4)
+            del self.ln.weight
+            self.ln.register_parameter("weight", None)
+
+        def forward(self, x):
+            return self.fc(self.ln(x))
+
+    model = BiasOnly()
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    assert dict(rewritten.named_parameters())["fc.weight"] is model.fc.weight
+    assert rel_error(rewritten(x), model(x)) < 1e-5
+
+
+def test_options_given_as_objects_are_checked():
+    with pytest.raises(rewrite.OptionError, match="option norms='false' must be bool"):
+        ApproxBP(norms="false")

@@ -152,3 +152,13 @@ def test_run_recording_saved_on_a_traced_graph_without_an_input_spec():
     # the linear is one call_module node here, named after the module
     assert saved.by_source == {"lin": 2 * 8 * F32, "sin": 2 * 16 * F32, "mul": 2 * 16 * F32, "tanh": 2 * 16 * F32}
     assert flatten_inputs(gm, (x,), {}) == [x]
+
+
+def test_copies_of_the_weights_are_not_activations():
+    # Under autocast a linear layer saves a bf16 copy of its weight: computed from a parameter
+    # alone, it is no activation; the bf16 copy of the input is.
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), record_saved(layer) as saved:
+        layer(x)
+    assert saved.total_bytes == x.numel() * 2

@@ -132,3 +132,38 @@ def test_ms_norm_saves_only_its_output_and_rstd():
 )
 def test_opcheck(op, args):
     torch.library.opcheck(getattr(torch.ops.rewrite, op).default, args)
+
+
+@pytest.mark.parametrize(
+    "op,make_args",
+    [
+        ("regelu2", lambda: (torch.randn(6, 5).t().requires_grad_(),)),
+        ("resilu2", lambda: (torch.randn(4, 9, 3)[:, ::2].requires_grad_(),)),
+        ("ms_layer_norm", lambda: (torch.randn(7, 4).t().requires_grad_(), [7], 1e-5)),
+        ("ms_rms_norm", lambda: (torch.randn(2, 8, 3).transpose(1, 2).requires_grad_(), [8], None)),
+        ("step2_backward", lambda: (torch.randn(5, 3).t(), torch.randint(0, 255, (4,), dtype=torch.uint8), REGELU2.slopes)),
+    ],
+)
+def test_opcheck_on_non_contiguous_inputs(op, make_args):
+    # The fake kernels must promise the layouts the real ones produce (contiguous outputs).
+    torch.library.opcheck(getattr(torch.ops.rewrite, op).default, make_args())
+
+
+@pytest.mark.parametrize("op", ["ms_layer_norm", "ms_rms_norm"])
+def test_ms_norm_under_autocast_gives_the_autocast_dtype_and_shares_it(op):
+    x = torch.randn(4, 16, requires_grad=True)
+    weight = torch.randn(8, 16, requires_grad=True)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y, rstd = getattr(torch.ops.rewrite, op)(x, [16], 1e-5)
+            out = F.linear(y, weight)
+    assert y.dtype == torch.bfloat16 and rstd.dtype == torch.float32 and out.dtype == torch.bfloat16
+    activations = [t for t in saved if t.shape == y.shape]
+    assert {t.untyped_storage().data_ptr() for t in activations} == {y.untyped_storage().data_ptr()}
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    xr = x.detach().clone().requires_grad_(True)
+    ref = F.layer_norm(xr, (16,), eps=1e-5) if op == "ms_layer_norm" else F.rms_norm(xr, (16,), eps=1e-5)
+    F.linear(ref, weight.detach()).sum().backward()
+    assert ((x.grad - xr.grad).norm() / xr.grad.norm()).item() < 2e-2

@@ -2,6 +2,7 @@
 shares its parameters (except those a pass replaced), trains, switches train/eval, carries
 before/after/report, and leaves the user's model as it was, also when a pass fails."""
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,7 +14,7 @@ from helpers import randomize_norms
 
 import passes
 import rewrite
-from rewrite import Pass, PassError, PassResult, RewrittenModule, optimize
+from rewrite import Pass, PassError, PassResult, RewrittenModule, optimize, zoo
 
 aten = torch.ops.aten
 
@@ -371,3 +372,41 @@ def test_stderr_is_left_alone_by_default(capfd):
     optimize(model, "approx_bp", _inputs()[:1])
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+# -- regressions found in review -----------------------------------------------------------
+
+
+def test_capturing_a_rewritten_module_leaves_its_graph_mode_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.GELU())
+    x = torch.randn(4, 8)
+    first = optimize(model, ["approx_bp"], (x,), mode="train")
+    optimize(first, ["approx_bp"], (x,), mode="eval")
+    assert first.training
+    dropout = [n for n in first.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    assert dropout and dropout[0].args[2] is True
+
+
+def test_state_dict_keys_match_the_models_with_non_persistent_buffers():
+    model, inputs = zoo.build("llama")  # RoPE tables are non-persistent buffers
+    rewritten = optimize(model, ["approx_bp{norms=false}"], inputs)
+    assert list(rewritten.state_dict()) == list(model.state_dict())
+    rewritten.load_state_dict(model.state_dict())
+
+
+def test_deepcopy_keeps_the_rewrite():
+    model, inputs = zoo.build("mlp")
+    rewritten = optimize(model, ["approx_bp"], inputs)
+    copied = copy.deepcopy(rewritten)
+    assert copied.report.passes[0].name == "approx_bp"
+    torch.testing.assert_close(copied(*inputs), rewritten(*inputs))
+    assert all(p is not q for p, q in zip(copied.parameters(), rewritten.parameters()))
+
+
+def test_graphs_kept_for_inspection_do_not_hold_weights():
+    model, inputs = zoo.build("llama")
+    rewritten = optimize(model, ["approx_bp"], inputs)
+    kept = [rewritten.before] + [g for p in rewritten.report for g in (p.before, p.after)]
+    for gm in kept:
+        assert all(t.device.type == "meta" for t in [*gm.parameters(), *gm.buffers()])
+    assert rewritten.report["approx_bp"].before is rewritten.before

@@ -139,7 +139,22 @@ class FailsAtRunTime(Pass):
             if node.target is aten.gelu.default:
                 with gm.graph.inserting_before(node):
                     bad = gm.graph.call_function(aten.mm.default, (node.args[0], node.args[0]))
+                bad.meta["val"] = node.meta["val"]  # metadata that lies: only running it shows the problem
                 node.replace_all_uses_with(bad)
+                gm.graph.erase_node(node)
+        return PassResult()
+
+
+@dataclass(frozen=True)
+class NoMetadata(Pass):
+    name: ClassVar[str] = "no_metadata"
+
+    def run(self, gm, ctx):
+        for node in list(gm.graph.nodes):
+            if node.target is aten.gelu.default:
+                with gm.graph.inserting_before(node):
+                    relu = gm.graph.call_function(aten.relu.default, (node.args[0],))
+                node.replace_all_uses_with(relu)
                 gm.graph.erase_node(node)
         return PassResult()
 
@@ -269,6 +284,12 @@ def test_a_broken_graph_is_refused(train_capture):
     _, captured = train_capture
     with pytest.raises(PassError, match="pass 'use_before_definition': left a broken graph"):
         _run([UseBeforeDefinition()], captured)
+
+
+def test_nodes_without_metadata_are_refused(train_capture):
+    _, captured = train_capture
+    with pytest.raises(PassError, match=r"pass 'no_metadata': left nodes without metadata \(meta\['val'\]\): relu"):
+        _run([NoMetadata()], captured, verify=False)
 
 
 def test_a_graph_that_fails_on_the_example_inputs_is_refused(train_capture):
