@@ -135,7 +135,9 @@ class RewrittenModule(fx.GraphModule):
         self.training = flags[0] if flags else info.mode == "train"
 
     def __deepcopy__(self, memo):
-        copied = super().__deepcopy__(memo)  # keeps only what the graph reads
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # as in _copy_graph
+            copied = super().__deepcopy__(memo)  # keeps only what the graph reads
         copied.rewrite_info = copy.deepcopy(self.rewrite_info, memo)
         _copy_buffer_persistence(self, copied)
         return copied
