@@ -6,7 +6,6 @@ running pickled code, and every bad file gets a CheckpointError that names it.""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
