@@ -1,22 +1,73 @@
-"""Launch helpers shared by the kernels: block sizes from a simple heuristic, grids.
+"""Where kernels run, and launch helpers shared by the kernels.
 
-Elementwise kernels move bytes, not arithmetic: 1024 elements a program keeps enough loads in
-flight on a GPU without spilling registers, and keeps the number of programs small under the
-CPU interpreter (which runs one program at a time).
+CUDA tensors use the Triton kernels when Triton is importable. ``use_triton_on_cpu()``
+routes CPU tensors through the same kernels under Triton's interpreter (``TRITON_INTERPRET=1``
+must be set before triton is first imported): slow, but it runs the exact GPU code path on a
+machine without a GPU, which is how the tests check it. Everywhere else the ops run their
+PyTorch reference.
+
+Nothing here imports triton at import time, so the op library loads without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+import os
 
 import torch
-import triton
 
+# Elementwise templates move bytes, not arithmetic: 1024 elements a program keeps enough loads
+# in flight on a GPU without spilling registers, and keeps the number of programs small under
+# the CPU interpreter (which runs one program at a time).
 ELEMENTWISE_BLOCK = 1024
+
+_triton_on_cpu = False
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_enabled(t: torch.Tensor) -> bool:
+    """Whether an op given ``t`` launches its Triton kernel (else it runs the reference).
+
+    Fake tensors (export, compile) take the kernel path only with real Triton, where
+    ``wrap_triton`` records the launch; the interpreter would try to run on them.
+    """
+    if t.device.type == "cuda":
+        return triton_available()
+    if t.device.type != "cpu" or not _triton_on_cpu:
+        return False
+    return not torch._subclasses.fake_tensor.is_fake(t)
+
+
+def wants_triton(t: torch.Tensor) -> bool:
+    """For kernels that compute in float32: float64 stays on the reference, exact for it."""
+    return t.dtype != torch.float64 and kernels_enabled(t)
+
+
+@contextlib.contextmanager
+def use_triton_on_cpu(enabled: bool = True):
+    """Run the ops' Triton kernels on CPU tensors (needs ``TRITON_INTERPRET=1``)."""
+    global _triton_on_cpu
+    if enabled and not interpreted():
+        raise RuntimeError("use_triton_on_cpu() needs TRITON_INTERPRET=1 set before triton is imported")
+    previous, _triton_on_cpu = _triton_on_cpu, enabled
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
 
 
 def elementwise_grid(n: int, block: int = ELEMENTWISE_BLOCK) -> tuple[int]:
-    return (triton.cdiv(n, block),)
+    return (-(-n // block),)
 
 
 def on_device(t: torch.Tensor):

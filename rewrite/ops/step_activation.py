@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rewrite.ops import kernels
+from codegen import launch as kernels
 
 
 @dataclass(frozen=True)

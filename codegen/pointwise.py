@@ -1,0 +1,482 @@
+"""Emit, cache and launch Triton kernels for pointwise regions.
+
+``pointwise(fn, *example_tensors)`` captures ``fn`` with ``make_fx``, turns it into a
+``Region`` and returns a ``PointwiseKernel``: callable like ``fn`` (through the
+``torch.ops.rewrite.pointwise`` op, so it is differentiable, exportable and compilable),
+with ``.source`` and ``.backward_source`` holding the Triton text emitted for the examples.
+
+How a kernel is made:
+
+1. The region's outputs become sympy expressions over its operands (``Region.expressions``);
+   the backward's are ``sum_j grad_j * d out_j / d operand_k`` from sympy's ``diff``.
+2. The iteration space is the broadcast shape of the operands, with adjacent dimensions
+   merged wherever every operand allows it. Each operand is *linear* (same shape,
+   contiguous: offset = index), *scalar* (one element) or *strided* (offset from the index's
+   coordinates and the operand's strides; broadcast dimensions have no term).
+3. ``sympy.cse`` shares common subexpressions, ``TritonPrinter`` prints them, and the source
+   goes through the kernel cache (``codegen.cache``) to a module.
+
+Block sizes: on a GPU the kernel is autotuned over a few block sizes and warp counts keyed on
+the element count; under the CPU interpreter (which runs one program at a time, vectorised
+with numpy) one block covers up to 4096 elements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from codegen import cache
+from codegen.launch import interpreted, on_device
+from codegen.printer import TL_DTYPES, TritonPrinter, helper_source
+from codegen.region import Region, UnsupportedRegion
+from codegen.sym import Kind
+
+INTERPRETER_MAX_BLOCK = 4096
+GPU_CONFIGS = ((1024, 4), (2048, 8), (4096, 8))  # (BLOCK, num_warps) tried by autotune
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # "linear" | "scalar" | "strided"
+    dims: tuple[int, ...] = ()  # strided: the iteration dims with a non-zero stride
+
+    def describe(self) -> str:
+        return self.kind if self.kind != "strided" else f"strided{list(self.dims)}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a kernel's source is specialised for, besides the region's dtypes."""
+
+    rank: int
+    layouts: tuple[Layout, ...]
+    index64: bool
+    autotune: bool
+
+    def describe(self, dtypes) -> str:
+        operands = ", ".join(f"{str(d).removeprefix('torch.')}:{lay.describe()}" for d, lay in zip(dtypes, self.layouts))
+        return f"rank {self.rank}; operands {operands}; {'int64' if self.index64 else 'int32'} index"
+
+
+# ---- iteration space ----------------------------------------------------------------------------
+
+
+def collapse(shape: tuple[int, ...], strides: list[tuple[int, ...]]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """Merge adjacent dims that every operand walks as one (stride[d] == stride[d+1] * size[d+1]);
+    drop size-1 dims."""
+    dims = [(size, [s[d] for s in strides]) for d, size in enumerate(shape) if size != 1]
+    if not dims:
+        return (), [() for _ in strides]
+    merged = [dims[0]]
+    for size, st in dims[1:]:
+        prev_size, prev_st = merged[-1]
+        if all(p == s * size for p, s in zip(prev_st, st)):
+            merged[-1] = (prev_size * size, st)
+        else:
+            merged.append((size, st))
+    new_shape = tuple(size for size, _ in merged)
+    new_strides = [tuple(st[k] for _, st in merged) for k in range(len(strides))]
+    return new_shape, new_strides
+
+
+def plan(operands: list[torch.Tensor], shape: tuple[int, ...], autotune: bool):
+    """(signature, kernel index arguments) for operands broadcast to ``shape``."""
+    expanded = [tuple(o.expand(shape).stride()) for o in operands]
+    cshape, cstrides = collapse(tuple(shape), expanded)
+    rank = len(cshape)
+    contiguous = [math.prod(cshape[d + 1 :]) for d in range(rank)]
+    layouts, stride_args = [], []
+    max_offset = 0
+    for o, st in zip(operands, cstrides):
+        if o.numel() == 1 or not any(st):
+            layouts.append(Layout("scalar"))  # one element, or one element broadcast everywhere
+        elif list(st) == contiguous:
+            layouts.append(Layout("linear"))
+        else:
+            dims = tuple(d for d in range(rank) if st[d] != 0)
+            layouts.append(Layout("strided", dims))
+            stride_args.extend(st[d] for d in dims)
+            max_offset = max(max_offset, sum((cshape[d] - 1) * st[d] for d in dims))
+    used_dims = sorted({d for lay in layouts for d in lay.dims})
+    index_args = []
+    for d in used_dims:
+        index_args += [contiguous[d], cshape[d]]
+    numel = math.prod(shape)
+    index64 = max(numel, max_offset + 1) >= 2**31
+    return Signature(rank, tuple(layouts), index64, autotune), index_args + stride_args
+
+
+# ---- source emission ---------------------------------------------------------------------------
+
+
+def _compute_dtype(dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _typed_symbols(replacements, reduced):
+    """cse's temporaries carry no assumptions; give each the kind of what it stands for, so the
+    printer knows integer from float arithmetic."""
+    mapping = {}
+    typed = []
+    for symbol, expr in replacements:
+        expr = expr.xreplace(mapping)
+        if isinstance(expr, sympy.logic.boolalg.Boolean) and not isinstance(expr, sympy.Expr):
+            new = sympy.Symbol(symbol.name)
+        elif expr.is_integer:
+            new = sympy.Symbol(symbol.name, integer=True)
+        else:
+            new = sympy.Symbol(symbol.name, real=True)
+        mapping[symbol] = new
+        typed.append((new, expr))
+    return typed, [e.xreplace(mapping) for e in reduced]
+
+
+def _load_lines(names, dtypes, layouts, compute) -> list[str]:
+    lines = []
+    for k, (name, dtype, layout) in enumerate(zip(names, dtypes, layouts)):
+        if layout.kind == "linear":
+            load = f"tl.load(in{k} + offs, mask=mask, other=0)"
+        elif layout.kind == "scalar":
+            load = f"tl.load(in{k})"
+        else:
+            offset = " + ".join(f"i{d} * st{k}_{d}" for d in layout.dims)
+            load = f"tl.load(in{k} + ({offset}), mask=mask, other=0)"
+        if dtype.is_floating_point and dtype != compute:
+            load += f".to({TL_DTYPES[compute]})"
+        lines.append(f"{name} = {load}")
+    return lines
+
+
+def _index_lines(signature: Signature) -> list[str]:
+    lines = []
+    used = sorted({d for lay in signature.layouts for d in lay.dims})
+    for d in used:
+        quotient = "offs" if d == signature.rank - 1 else f"(offs // inner{d})"
+        lines.append(f"i{d} = {quotient} % size{d}" if d > 0 else f"i{d} = {quotient}")
+    return lines
+
+
+def _params(n_operands, n_outputs, signature: Signature) -> list[str]:
+    params = [f"in{k}" for k in range(n_operands)] + [f"out{k}" for k in range(n_outputs)] + ["n"]
+    used = sorted({d for lay in signature.layouts for d in lay.dims})
+    for d in used:
+        params += [f"inner{d}", f"size{d}"]
+    for k, lay in enumerate(signature.layouts):
+        params += [f"st{k}_{d}" for d in lay.dims]
+    return params
+
+
+def emit_kernel(
+    name: str,
+    operand_symbols,
+    operand_dtypes,
+    outputs: list[tuple[sympy.Basic, torch.dtype]],
+    signature: Signature,
+    header: str,
+) -> str:
+    """Source of one elementwise kernel: loads, the cse'd expressions, stores."""
+    compute = _compute_dtype(list(operand_dtypes) + [dt for _, dt in outputs])
+    printer = TritonPrinter(compute)
+    exprs = [e for e, _ in outputs]
+    replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t"), order="none")
+    replacements, reduced = _typed_symbols(replacements, reduced)
+    body = []
+    for symbol, expr in replacements:
+        text = printer.print(expr)
+        body += printer.lines
+        printer.lines.clear()
+        body.append(f"{symbol.name} = {text}")
+    block_valued = {s for s, lay in zip(operand_symbols, signature.layouts) if lay.kind != "scalar"}
+    for symbol, expr in replacements:
+        if expr.free_symbols & block_valued:
+            block_valued.add(symbol)
+    stores = []
+    for k, (expr, (_, dtype)) in enumerate(zip(reduced, outputs)):
+        tl_dtype = TL_DTYPES[dtype]
+        if isinstance(expr, sympy.logic.boolalg.BooleanAtom) or expr.is_number:
+            value = f"tl.full([BLOCK], {printer.print(expr)}, {tl_dtype})"
+        else:
+            value = printer.print(expr)
+            body += printer.lines
+            printer.lines.clear()
+            if not (expr.free_symbols & block_valued):
+                value = f"tl.broadcast_to({value}, [BLOCK])"
+            value = f"({value}).to({tl_dtype})"
+        stores.append(f"tl.store(out{k} + offs, {value}, mask=mask)")
+    params = _params(len(operand_symbols), len(outputs), signature)
+    program = "tl.program_id(0).to(tl.int64)" if signature.index64 else "tl.program_id(0)"
+    lines = [
+        f"offs = {program} * BLOCK + tl.arange(0, BLOCK)",
+        "mask = offs < n",
+        *_index_lines(signature),
+        *_load_lines([s.name for s in operand_symbols], operand_dtypes, signature.layouts, compute),
+        *body,
+        *stores,
+    ]
+    decorator = "@triton.jit\n"
+    if signature.autotune:
+        configs = ", ".join(f'triton.Config({{"BLOCK": {b}}}, num_warps={w})' for b, w in GPU_CONFIGS)
+        decorator = f'@triton.autotune(configs=[{configs}], key=["n"])\n' + decorator
+    text = "\n".join("    " + line for line in lines)
+    return (
+        f"{header}\nimport triton\nimport triton.language as tl\n"
+        f"{helper_source(printer.helpers)}\n\n{decorator}def {name}({', '.join(params)}, BLOCK: tl.constexpr):\n{text}\n"
+    )
+
+
+def _header(region: Region, signature: Signature, what: str) -> str:
+    described = region.describe().replace("\n", "\n#   ")
+    return (
+        f"# Emitted by rewrite.codegen: {what} of a pointwise region.\n"
+        f"# Specialised for {signature.describe(region.operand_dtypes())}.\n#   {described}\n"
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def forward_source(region: Region, signature: Signature) -> str:
+    symbols, values = region.expressions()
+    outputs = [(v.expr if v.kind is Kind.BOOL else v.number, dt) for v, dt in zip(values, region.output_dtypes())]
+    return emit_kernel(
+        "pointwise_forward", symbols, region.operand_dtypes(), outputs, signature, _header(region, signature, "forward")
+    )
+
+
+def differentiable_outputs(region: Region) -> list[int]:
+    return [k for k, dt in enumerate(region.output_dtypes()) if dt.is_floating_point]
+
+
+def differentiable_operands(region: Region) -> list[int]:
+    return [k for k, dt in enumerate(region.operand_dtypes()) if dt.is_floating_point]
+
+
+@functools.lru_cache(maxsize=256)
+def gradient_expressions(region: Region) -> tuple[tuple[sympy.Symbol, ...], tuple[sympy.Expr, ...]]:
+    """(grad symbols, one gradient expression per differentiable operand)."""
+    symbols, values = region.expressions()
+    grads = tuple(sympy.Symbol(f"g{j}", real=True) for j in differentiable_outputs(region))
+    outs = [values[j].number for j in differentiable_outputs(region)]
+    exprs = []
+    for k in differentiable_operands(region):
+        exprs.append(sympy.Add(*(g * sympy.diff(out, symbols[k]) for g, out in zip(grads, outs))))
+    return grads, tuple(exprs)
+
+
+def backward_dtypes(region: Region, reduced: tuple[bool, ...]) -> list[torch.dtype]:
+    """Gradients of operands that are broadcast get summed afterwards: keep them in float32
+    (or float64) so that the sum does not accumulate in half precision."""
+    dtypes = region.operand_dtypes()
+    out = []
+    for k, needs_sum in zip(differentiable_operands(region), reduced):
+        dt = dtypes[k]
+        out.append(torch.promote_types(dt, torch.float32) if needs_sum else dt)
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def backward_source(region: Region, signature: Signature, reduced: tuple[bool, ...]) -> str:
+    symbols, _ = region.expressions()
+    grads, exprs = gradient_expressions(region)
+    out_dtypes = region.output_dtypes()
+    grad_dtypes = [out_dtypes[j] for j in differentiable_outputs(region)]
+    outputs = list(zip(exprs, backward_dtypes(region, reduced)))
+    return emit_kernel(
+        "pointwise_backward",
+        symbols + grads,
+        list(region.operand_dtypes()) + grad_dtypes,
+        outputs,
+        signature,
+        _header(region, signature, "backward"),
+    )
+
+
+# ---- launching ---------------------------------------------------------------------------------
+
+
+def _check_launchable(region: Region, tensors) -> None:
+    if interpreted() and any(t.dtype == torch.bfloat16 for t in tensors):
+        raise UnsupportedRegion(
+            "bfloat16 is not supported by Triton's CPU interpreter (TRITON_INTERPRET=1); "
+            "use float16/float32 there, or run on a GPU"
+        )
+    if interpreted() and any(getattr(torch, d) == torch.bfloat16 for d in region.input_dtypes):
+        raise UnsupportedRegion("bfloat16 is not supported by Triton's CPU interpreter (TRITON_INTERPRET=1)")
+    for t in tensors:
+        if t.layout != torch.strided:
+            raise UnsupportedRegion(f"a {t.layout} tensor cannot be indexed by a pointwise kernel; pass dense tensors")
+
+
+def _run(source: str, signature: Signature, name: str, operands, outputs, n: int, index_args) -> None:
+    from torch.library import wrap_triton
+
+    module = cache.load(source, signature.describe([o.dtype for o in operands]))
+    kernel = wrap_triton(getattr(module, name))
+    if signature.autotune:
+        grid = lambda meta: (-(-n // meta["BLOCK"]),)  # noqa: E731 - triton's grid callback
+        args = dict()
+    else:
+        block = min(INTERPRETER_MAX_BLOCK, max(16, 1 << (n - 1).bit_length()))
+        grid = (-(-n // block),)
+        args = dict(BLOCK=block)
+    with on_device(outputs[0]), _quiet_interpreter():
+        kernel[grid](*operands, *outputs, n, *index_args, **args)
+
+
+def _quiet_interpreter():
+    """Masked-off lanes load zeros and may divide by them; the interpreter computes them with
+    numpy, which warns. Their results are never stored."""
+    if not interpreted():
+        return contextlib.nullcontext()
+    import numpy
+
+    return numpy.errstate(all="ignore")
+
+
+def _autotune(device: torch.device) -> bool:
+    return device.type == "cuda" and not interpreted()
+
+
+def launch_forward(region: Region, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    check_inputs(region, inputs)
+    _check_launchable(region, inputs)
+    operands, _ = region.apply_views(inputs)
+    shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+    region.check_output_shapes([tuple(o.shape) for o in operands], shape)
+    device = operands[0].device
+    outputs = [torch.empty(shape, dtype=dt, device=device) for dt in region.output_dtypes()]
+    n = math.prod(shape)
+    if n == 0:
+        return outputs
+    signature, index_args = plan(operands, shape, _autotune(device))
+    _run(forward_source(region, signature), signature, "pointwise_forward", operands, outputs, n, index_args)
+    return outputs
+
+
+def launch_backward(region: Region, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of the region's float inputs (in input order) given those of its float outputs."""
+    _check_launchable(region, inputs)
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+        operands, _ = region.apply_views(leaves)
+    shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+    float_operands = [operands[k] for k in differentiable_operands(region)]
+    reduced = tuple(tuple(o.shape) != shape or not o.is_contiguous() for o in float_operands)
+    device = operands[0].device
+    n = math.prod(shape)
+    dtypes = backward_dtypes(region, reduced)
+    grad_operands = [torch.empty(shape, dtype=dt, device=device) for dt in dtypes]
+    if n:
+        out_grads = [grads[j] for j in differentiable_outputs(region)]
+        kernel_operands = [o.detach() for o in operands] + out_grads
+        signature, index_args = plan(kernel_operands, shape, _autotune(device))
+        source = backward_source(region, signature, reduced)
+        _run(source, signature, "pointwise_backward", kernel_operands, grad_operands, n, index_args)
+    sized = []
+    for o, g, needs_sum in zip(float_operands, grad_operands, reduced):
+        sized.append(g.sum_to_size(o.shape).to(o.dtype) if needs_sum else g)
+    float_leaves = [x for x in leaves if x.is_floating_point()]
+    if not float_leaves:
+        return []
+    connected = [(o, g) for o, g in zip(float_operands, sized) if o.requires_grad]
+    if not connected:
+        return [torch.zeros_like(x) for x in float_leaves]
+    input_grads = torch.autograd.grad(
+        [o for o, _ in connected], float_leaves, [g for _, g in connected], allow_unused=True
+    )
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(float_leaves, input_grads)]
+
+
+# ---- the public entry point -------------------------------------------------------------------
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+class PointwiseKernel:
+    """A pointwise region compiled to Triton: call it like the function it came from.
+
+    Calls go through ``torch.ops.rewrite.pointwise`` (differentiable; exported and compiled
+    as one op). ``source`` / ``backward_source`` are the kernels emitted for the example
+    tensors' dtypes and layouts; ``source_for(*tensors)`` gives them for other tensors.
+    """
+
+    def __init__(self, region: Region, examples, device: torch.device):
+        self.region = region
+        self.spec = region.to_spec()
+        self._examples = [_meta_like(t) for t in examples]
+        self._device = device
+        self._single = len(region.outputs) == 1
+
+    def __call__(self, *tensors: torch.Tensor):
+        check_inputs(self.region, tensors)
+        outputs = torch.ops.rewrite.pointwise(list(tensors), self.spec)
+        return outputs[0] if self._single else tuple(outputs)
+
+    def _signature(self, tensors, extra=()):
+        operands, _ = self.region.apply_views([_meta_like(t) for t in tensors])
+        shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+        device = tensors[0].device if tensors else self._device
+        return operands, shape, plan(list(operands) + list(extra), shape, _autotune(device))[0]
+
+    def source_for(self, *tensors: torch.Tensor) -> str:
+        check_inputs(self.region, tensors)
+        _, _, signature = self._signature(tensors)
+        return forward_source(self.region, signature)
+
+    def backward_source_for(self, *tensors: torch.Tensor) -> str:
+        check_inputs(self.region, tensors)
+        operands, shape, _ = self._signature(tensors)
+        grads = [torch.empty(shape, dtype=self.region.output_dtypes()[j], device="meta")
+                 for j in differentiable_outputs(self.region)]  # fmt: skip
+        _, _, signature = self._signature(tensors, grads)
+        float_operands = [operands[k] for k in differentiable_operands(self.region)]
+        reduced = tuple(tuple(o.shape) != shape or not o.is_contiguous() for o in float_operands)
+        return backward_source(self.region, signature, reduced)
+
+    @property
+    def source(self) -> str:
+        return self.source_for(*self._examples)
+
+    @property
+    def backward_source(self) -> str:
+        return self.backward_source_for(*self._examples)
+
+    def __repr__(self) -> str:
+        return f"PointwiseKernel({len(self.region.input_dtypes)} inputs, {len(self.region.steps)} ops)"
+
+
+def check_inputs(region: Region, tensors) -> None:
+    if len(tensors) != len(region.input_dtypes):
+        raise TypeError(f"the kernel takes {len(region.input_dtypes)} tensors, got {len(tensors)}")
+    for k, (t, dtype) in enumerate(zip(tensors, region.input_dtypes)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"input {k} ({region.input_names[k]}) must be a tensor, got {type(t).__name__}")
+        if str(t.dtype).removeprefix("torch.") != dtype:
+            raise TypeError(
+                f"input {k} ({region.input_names[k]}) is {t.dtype}; the kernel was made for {dtype}: "
+                "make another one from examples of this dtype"
+            )
+
+
+def pointwise(fn, *example_tensors: torch.Tensor) -> PointwiseKernel:
+    """Capture ``fn`` (a function of tensors made of elementwise ops) and compile it.
+
+    Raises ``UnsupportedRegion`` naming the node when ``fn`` holds something the emitter
+    cannot express (a reduction, a matmul, a complex dtype, a view of a computed value...).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if not example_tensors or not all(isinstance(t, torch.Tensor) for t in example_tensors):
+        raise TypeError("codegen.pointwise(fn, *example_tensors) needs at least one example tensor, and only tensors")
+    try:
+        gm = make_fx(fn, tracing_mode="fake")(*example_tensors)
+    except Exception as exc:  # noqa: BLE001 - any capture failure is reported the same way
+        raise UnsupportedRegion(f"could not capture {getattr(fn, '__name__', fn)!r} with make_fx: {exc}") from None
+    region = Region.from_graph(gm)
+    return PointwiseKernel(region, example_tensors, example_tensors[0].device)
