@@ -39,11 +39,12 @@ def kernels_enabled(t: torch.Tensor) -> bool:
     """Whether an op given ``t`` launches its Triton kernel (else it runs the reference).
 
     Fake tensors (export, compile) take the kernel path only with real Triton, where
-    ``wrap_triton`` records the launch; the interpreter would try to run on them.
+    ``wrap_triton`` records the launch; the interpreter would try to run on them. The
+    interpreter has no bfloat16 (numpy lacks it): bfloat16 tensors run the reference there.
     """
     if t.device.type == "cuda":
         return triton_available()
-    if t.device.type != "cpu" or not _triton_on_cpu:
+    if t.device.type != "cpu" or not _triton_on_cpu or t.dtype == torch.bfloat16:
         return False
     return not torch._subclasses.fake_tensor.is_fake(t)
 

@@ -137,6 +137,29 @@ def _typed_symbols(replacements, reduced):
     return typed, [e.xreplace(mapping) for e in reduced]
 
 
+def print_expressions(printer: TritonPrinter, exprs, prefix: str = "t"):
+    """Share common subexpressions and print: (statements, one text per expression, the
+    (temporary, expression) pairs bound, the expressions in terms of the temporaries)."""
+    replacements, reduced = sympy.cse(list(exprs), symbols=sympy.numbered_symbols(prefix), order="none")
+    replacements, reduced = _typed_symbols(replacements, reduced)
+    lines, texts = [], []
+    for symbol, expr in replacements:
+        text = printer.print(expr)
+        lines += printer.lines
+        printer.lines.clear()
+        lines.append(f"{symbol.name} = {text}")
+    for expr in reduced:
+        text = printer.print(expr)
+        lines += printer.lines
+        printer.lines.clear()
+        texts.append(text)
+    return lines, texts, replacements, reduced
+
+
+def is_constant(expr) -> bool:
+    return isinstance(expr, sympy.logic.boolalg.BooleanAtom) or expr.is_number
+
+
 def _load_lines(names, dtypes, layouts, compute) -> list[str]:
     lines = []
     for k, (name, dtype, layout) in enumerate(zip(names, dtypes, layouts)):
@@ -183,28 +206,17 @@ def emit_kernel(
     """Source of one elementwise kernel: loads, the cse'd expressions, stores."""
     compute = _compute_dtype(list(operand_dtypes) + [dt for _, dt in outputs])
     printer = TritonPrinter(compute)
-    exprs = [e for e, _ in outputs]
-    replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t"), order="none")
-    replacements, reduced = _typed_symbols(replacements, reduced)
-    body = []
-    for symbol, expr in replacements:
-        text = printer.print(expr)
-        body += printer.lines
-        printer.lines.clear()
-        body.append(f"{symbol.name} = {text}")
+    body, texts, replacements, reduced = print_expressions(printer, [e for e, _ in outputs])
     block_valued = {s for s, lay in zip(operand_symbols, signature.layouts) if lay.kind != "scalar"}
     for symbol, expr in replacements:
         if expr.free_symbols & block_valued:
             block_valued.add(symbol)
     stores = []
-    for k, (expr, (_, dtype)) in enumerate(zip(reduced, outputs)):
+    for k, (expr, value, (_, dtype)) in enumerate(zip(reduced, texts, outputs)):
         tl_dtype = TL_DTYPES[dtype]
-        if isinstance(expr, sympy.logic.boolalg.BooleanAtom) or expr.is_number:
-            value = f"tl.full([BLOCK], {printer.print(expr)}, {tl_dtype})"
+        if is_constant(expr):
+            value = f"tl.full([BLOCK], {value}, {tl_dtype})"
         else:
-            value = printer.print(expr)
-            body += printer.lines
-            printer.lines.clear()
             if not (expr.free_symbols & block_valued):
                 value = f"tl.broadcast_to({value}, [BLOCK])"
             value = f"({value}).to({tl_dtype})"

@@ -208,7 +208,7 @@ def _relu(x):
     return sympy.Piecewise((x, x > 0), (0, True))
 
 
-def _gelu(x, approximate="none"):
+def gelu_expression(x, approximate="none"):
     if approximate == "tanh":
         inner = sympy.sqrt(2 / sympy.pi) * (x + sympy.Float("0.044715") * x**3)
         return x / 2 * (1 + sympy.tanh(inner))
@@ -341,7 +341,7 @@ POINTWISE_OPS = {
     "aten.trunc.default": lambda x: TruncF(_n(x)) if _v(x).kind is Kind.FLOAT else _n(x),
     "aten.round.default": lambda x: RoundF(_n(x)) if _v(x).kind is Kind.FLOAT else _n(x),
     "aten.relu.default": lambda x: _relu(_n(x)),
-    "aten.gelu.default": _float1(_gelu),
+    "aten.gelu.default": _float1(gelu_expression),
     "aten.silu.default": _float1(lambda x: x * Sigmoid(x)),
     "aten.mish.default": _float1(lambda x: x * sympy.tanh(sympy.log(1 + sympy.exp(x)))),
     "aten.softplus.default": _float1(_softplus),

@@ -1,9 +1,11 @@
 """The ``torch.ops.rewrite`` custom-op library. Importing it registers every op (with its fake
 kernel and autograd formula), which is what loading a rewritten ``.pt2`` needs: the ops of
-approx_bp here, and codegen's ``pointwise`` ops that carry emitted kernels."""
+approx_bp, the hooks later passes build on (``row_polynomial``, ``masked_matmul``), and
+codegen's ``pointwise`` ops that carry emitted kernels. Each op runs codegen's Triton kernels
+on CUDA (and on the CPU under ``use_triton_on_cpu``) and its PyTorch reference elsewhere."""
 
 import codegen.ops  # noqa: F401 - registers torch.ops.rewrite.pointwise / pointwise_backward
 from codegen.launch import use_triton_on_cpu
-from rewrite.ops import ms_norm, step_activation
+from rewrite.ops import masked_matmul, ms_norm, row_polynomial, step_activation
 
-__all__ = ["ms_norm", "step_activation", "use_triton_on_cpu"]
+__all__ = ["masked_matmul", "ms_norm", "row_polynomial", "step_activation", "use_triton_on_cpu"]

@@ -17,6 +17,7 @@ outputs are contiguous whatever the layout of the inputs.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -104,21 +105,42 @@ def _activation(kind: str, x: torch.Tensor, approximate: str) -> torch.Tensor:
     return F.gelu(x, approximate=approximate) if kind == "regelu2" else F.silu(x)
 
 
+@functools.cache
+def template_expressions(name: str, approximate: str):
+    """The activation and its 2-bit code as expressions of the element, for codegen's packed2
+    template."""
+    import sympy
+
+    from codegen.sym import Sigmoid, gelu_expression
+    from codegen.templates import X
+
+    approx = REGELU2 if name == "regelu2" else RESILU2
+    value = gelu_expression(X, approximate) if name == "regelu2" else X * Sigmoid(X)
+    code = sum(sympy.Piecewise((1, X > sympy.Float(c, 17)), (0, True)) for c in approx.c)
+    return value, code
+
+
+@functools.cache
+def template_gradient(slopes: tuple[float, ...]):
+    import sympy
+
+    from codegen.templates import CODE, GRAD
+
+    slope = sympy.Piecewise(*((sympy.Float(s, 17), sympy.Eq(CODE, k)) for k, s in enumerate(slopes) if k), (0, True))
+    return GRAD * slope
+
+
 def _forward(approx: StepApproximation, x: torch.Tensor, approximate: str):
     x = x.contiguous()
     if kernels.wants_triton(x):
-        from codegen.step_activation import step2_forward
+        from codegen.templates import packed2_forward
 
-        return step2_forward(x, approx.name, approximate, approx.c)
+        return packed2_forward(x, *template_expressions(approx.name, approximate))
     y = _activation(approx.name, x, approximate)
     return y, pack2(step_codes(x.view(-1), approx.c))
 
 
-def _fake_forward(x: torch.Tensor):
-    return x.new_empty(x.shape), x.new_empty((packed_size(x.numel()),), dtype=torch.uint8)
-
-
-@torch.library.custom_op("rewrite::regelu2", mutates_args=())
+@torch.library.triton_op("rewrite::regelu2", mutates_args=())
 def regelu2(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """GELU forward (exact, or the tanh form when ``approximate='tanh'``) and its 2-bit codes."""
     if approximate not in ("none", "tanh"):
@@ -126,41 +148,26 @@ def regelu2(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, t
     return _forward(REGELU2, x, approximate)
 
 
-@regelu2.register_fake
-def _(x, approximate="none"):
-    return _fake_forward(x)
-
-
-@torch.library.custom_op("rewrite::resilu2", mutates_args=())
+@torch.library.triton_op("rewrite::resilu2", mutates_args=())
 def resilu2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU forward (exact) and its 2-bit codes."""
     return _forward(RESILU2, x, "none")
 
 
-@resilu2.register_fake
-def _(x):
-    return _fake_forward(x)
-
-
-@torch.library.custom_op("rewrite::step2_backward", mutates_args=())
+@torch.library.triton_op("rewrite::step2_backward", mutates_args=())
 def step2_backward(grad_out: torch.Tensor, codes: torch.Tensor, slopes: list[float]) -> torch.Tensor:
     """grad_out * slopes[code], codes unpacked from ``codes``."""
     grad_out = grad_out.contiguous()
     if kernels.wants_triton(grad_out):
-        from codegen.step_activation import step2_backward as triton_backward
+        from codegen.templates import packed2_backward
 
-        return triton_backward(grad_out, codes, slopes)
+        return packed2_backward(grad_out, codes, template_gradient(tuple(float(s) for s in slopes)))
     unpacked = unpack2(codes, grad_out.numel())
     table = torch.tensor(slopes, dtype=torch.float32, device=grad_out.device)
     slope = table.index_select(0, unpacked.to(torch.int32)).view(grad_out.shape)
     if grad_out.dtype == torch.float32:
         return grad_out * slope
     return (grad_out.float() * slope).to(grad_out.dtype)
-
-
-@step2_backward.register_fake
-def _(grad_out, codes, slopes):
-    return grad_out.new_empty(grad_out.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,5 +1,6 @@
-"""The Triton kernels of the 2-bit activations against the PyTorch reference: on the CPU under
-TRITON_INTERPRET=1, on a GPU natively (tests marked gpu)."""
+"""The 2-bit activations' kernels (codegen's packed2 template filled with the activation's
+expressions) against the PyTorch reference: on the CPU under TRITON_INTERPRET=1, on a GPU
+natively (tests marked gpu)."""
 
 import os
 
@@ -9,7 +10,14 @@ import torch.nn.functional as F
 
 import rewrite  # noqa: F401
 from rewrite.ops import use_triton_on_cpu
-from rewrite.ops.step_activation import REGELU2, RESILU2, pack2, step_codes
+from rewrite.ops.step_activation import (
+    REGELU2,
+    RESILU2,
+    pack2,
+    step_codes,
+    template_expressions,
+    template_gradient,
+)
 
 pytest.importorskip("triton")
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set by conftest without CUDA)")
@@ -28,12 +36,22 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _check_kernels(device, activation, approximate, approx, n, dtype):
-    from codegen.step_activation import step2_backward, step2_forward
+def step2_forward(x, activation, approximate):
+    from codegen.templates import packed2_forward
 
+    return packed2_forward(x, *template_expressions(activation, approximate))
+
+
+def step2_backward(g, codes, slopes):
+    from codegen.templates import packed2_backward
+
+    return packed2_backward(g, codes, template_gradient(tuple(slopes)))
+
+
+def _check_kernels(device, activation, approximate, approx, n, dtype):
     x = (torch.randn(n, device=device) * 4).to(dtype)
     ref_y, ref_codes = _reference(activation, approximate, x.cpu())
-    y, codes = step2_forward(x, activation, approximate, approx.c)
+    y, codes = step2_forward(x, activation, approximate)
     assert torch.equal(codes.cpu(), ref_codes)
     assert _rel(y.cpu(), ref_y) < (1e-6 if dtype == torch.float32 else 1e-3)
     g = torch.randn(n, device=device).to(dtype)
@@ -52,9 +70,7 @@ def test_kernels_match_reference_interpreted(activation, approximate, approx, n,
 
 @interpreted
 def test_kernels_handle_empty_tensors():
-    from codegen.step_activation import step2_backward, step2_forward
-
-    y, codes = step2_forward(torch.empty(0), "regelu2", "none", REGELU2.c)
+    y, codes = step2_forward(torch.empty(0), "regelu2", "none")
     assert y.shape == (0,) and codes.shape == (0,)
     assert step2_backward(torch.empty(0), codes, REGELU2.slopes).shape == (0,)
 
