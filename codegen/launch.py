@@ -39,19 +39,22 @@ def kernels_enabled(t: torch.Tensor) -> bool:
     """Whether an op given ``t`` launches its Triton kernel (else it runs the reference).
 
     Fake tensors (export, compile) take the kernel path only with real Triton, where
-    ``wrap_triton`` records the launch; the interpreter would try to run on them. The
-    interpreter has no bfloat16 (numpy lacks it): bfloat16 tensors run the reference there.
+    ``wrap_triton`` records the launch; the interpreter would try to run on them.
     """
     if t.device.type == "cuda":
         return triton_available()
-    if t.device.type != "cpu" or not _triton_on_cpu or t.dtype == torch.bfloat16:
+    if t.device.type != "cpu" or not _triton_on_cpu:
         return False
     return not torch._subclasses.fake_tensor.is_fake(t)
 
 
 def wants_triton(t: torch.Tensor) -> bool:
-    """For kernels that compute in float32: float64 stays on the reference, exact for it."""
-    return t.dtype != torch.float64 and kernels_enabled(t)
+    """For the template ops, which compute in float32: float64 stays on the reference (exact
+    for it), and so does bfloat16 under the interpreter, which has no bfloat16 (numpy lacks
+    it). Pointwise regions instead refuse bfloat16 there with an error."""
+    if t.dtype == torch.float64 or (t.dtype == torch.bfloat16 and interpreted()):
+        return False
+    return kernels_enabled(t)
 
 
 @contextlib.contextmanager

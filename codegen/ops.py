@@ -35,18 +35,35 @@ def pointwise(inputs: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
 
 
 def reference_backward(region: Region, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients of the float inputs by autograd through the reference."""
+    """Gradients of the float inputs: the vector-Jacobian product of the reference.
+
+    ``torch.func.vjp`` rather than ``torch.autograd.grad``: an op's implementation runs below
+    the autograd dispatch keys, where autograd records nothing, while functorch's transforms
+    still apply."""
     float_inputs = [k for k, x in enumerate(inputs) if x.is_floating_point()]
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
-        outputs = region.run_reference(leaves)
-        pairs = [(o, g) for o, g in zip(outputs, grads) if o.is_floating_point() and o.requires_grad]
-        if not pairs:
-            return [torch.zeros_like(inputs[k]) for k in float_inputs]
-        result = torch.autograd.grad(
-            [o for o, _ in pairs], [leaves[k] for k in float_inputs], [g for _, g in pairs], allow_unused=True
-        )
-    return [torch.zeros_like(inputs[k]) if g is None else g.contiguous() for k, g in zip(float_inputs, result)]
+
+    def float_outputs(*floats):
+        full = list(inputs)
+        for k, t in zip(float_inputs, floats):
+            full[k] = t
+        return tuple(o for o in region.run_reference(full) if o.is_floating_point())
+
+    _, vjp = torch.func.vjp(float_outputs, *(inputs[k] for k in float_inputs))
+    return fresh_outputs(vjp(tuple(grads)), inputs + grads)
+
+
+def fresh_outputs(outputs, inputs) -> list[torch.Tensor]:
+    """Contiguous outputs that share no memory with the inputs (an op may not return its
+    inputs: the gradient of ``x + y`` with respect to x is the incoming gradient itself)."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    fresh = []
+    for t in outputs:
+        t = t.contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in taken:
+            t = t.clone()
+        taken.add(t.untyped_storage().data_ptr())
+        fresh.append(t)
+    return fresh
 
 
 @triton_op("rewrite::pointwise_backward", mutates_args=())
@@ -62,17 +79,21 @@ def pointwise_backward(inputs: list[torch.Tensor], grads: list[torch.Tensor], sp
 
 
 def _setup_context(ctx, inputs, output):
+    from codegen.pointwise import inputs_needed_by_backward
+
     tensors, spec = inputs
-    ctx.save_for_backward(*tensors)
+    needed = inputs_needed_by_backward(_region(spec))
+    # Inputs the backward does not read are kept as one element broadcast to their shape
+    # (ones: a stand-in that keeps log/division finite in the reference's recomputation).
+    ctx.save_for_backward(*(t if keep else t.new_ones(()).expand(t.shape) for t, keep in zip(tensors, needed)))
     ctx.spec = spec
     ctx.float_outputs = [o.is_floating_point() for o in output]
 
 
 def _backward(ctx, grads):
     inputs = list(ctx.saved_tensors)
-    region = _region(ctx.spec)
     grads = [g for g, is_float in zip(grads, ctx.float_outputs) if is_float]
-    float_grads = iter(torch.ops.rewrite.pointwise_backward(inputs, grads, region.to_spec()))
+    float_grads = iter(torch.ops.rewrite.pointwise_backward(inputs, grads, ctx.spec))
     return [next(float_grads) if x.is_floating_point() else None for x in inputs], None
 
 

@@ -106,7 +106,7 @@ def plan(operands: list[torch.Tensor], shape: tuple[int, ...], autotune: bool):
     used_dims = sorted({d for lay in layouts for d in lay.dims})
     index_args = []
     for d in used_dims:
-        index_args += [contiguous[d], cshape[d]]
+        index_args += [contiguous[d], cshape[d]] if d < rank - 1 else [cshape[d]]
     numel = math.prod(shape)
     index64 = max(numel, max_offset + 1) >= 2**31
     return Signature(rank, tuple(layouts), index64, autotune), index_args + stride_args
@@ -160,9 +160,12 @@ def is_constant(expr) -> bool:
     return isinstance(expr, sympy.logic.boolalg.BooleanAtom) or expr.is_number
 
 
-def _load_lines(names, dtypes, layouts, compute) -> list[str]:
+def _load_lines(names, dtypes, layouts, compute, used) -> list[str]:
+    """Loads of the operands the expressions read (``used``: their names)."""
     lines = []
     for k, (name, dtype, layout) in enumerate(zip(names, dtypes, layouts)):
+        if name not in used:
+            continue
         if layout.kind == "linear":
             load = f"tl.load(in{k} + offs, mask=mask, other=0)"
         elif layout.kind == "scalar":
@@ -189,7 +192,7 @@ def _params(n_operands, n_outputs, signature: Signature) -> list[str]:
     params = [f"in{k}" for k in range(n_operands)] + [f"out{k}" for k in range(n_outputs)] + ["n"]
     used = sorted({d for lay in signature.layouts for d in lay.dims})
     for d in used:
-        params += [f"inner{d}", f"size{d}"]
+        params += [f"inner{d}", f"size{d}"] if d < signature.rank - 1 else [f"size{d}"]
     for k, lay in enumerate(signature.layouts):
         params += [f"st{k}_{d}" for d in lay.dims]
     return params
@@ -221,13 +224,16 @@ def emit_kernel(
                 value = f"tl.broadcast_to({value}, [BLOCK])"
             value = f"({value}).to({tl_dtype})"
         stores.append(f"tl.store(out{k} + offs, {value}, mask=mask)")
+    used = {s.name for _, e in replacements for s in e.free_symbols} | {
+        s.name for e in reduced if not is_constant(e) for s in e.free_symbols
+    }
     params = _params(len(operand_symbols), len(outputs), signature)
     program = "tl.program_id(0).to(tl.int64)" if signature.index64 else "tl.program_id(0)"
     lines = [
         f"offs = {program} * BLOCK + tl.arange(0, BLOCK)",
         "mask = offs < n",
         *_index_lines(signature),
-        *_load_lines([s.name for s in operand_symbols], operand_dtypes, signature.layouts, compute),
+        *_load_lines([s.name for s in operand_symbols], operand_dtypes, signature.layouts, compute, used),
         *body,
         *stores,
     ]
@@ -279,6 +285,21 @@ def gradient_expressions(region: Region) -> tuple[tuple[sympy.Symbol, ...], tupl
     return grads, tuple(exprs)
 
 
+@functools.lru_cache(maxsize=256)
+def inputs_needed_by_backward(region: Region) -> tuple[bool, ...]:
+    """Per region input: whether the gradients read its values. ``x * 0.5 + r`` needs neither
+    x nor r; the fused op keeps only what its backward reads, not every intermediate and input."""
+    symbols, _ = region.expressions()
+    _, exprs = gradient_expressions(region)
+    used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+    roots = region.operand_roots()
+    needed = [False] * len(region.input_dtypes)
+    for symbol, root in zip(symbols, roots):
+        if symbol in used:
+            needed[root] = True
+    return tuple(needed)
+
+
 def backward_dtypes(region: Region, reduced: tuple[bool, ...]) -> list[torch.dtype]:
     """Gradients of operands that are broadcast get summed afterwards: keep them in float32
     (or float64) so that the sum does not accumulate in half precision."""
@@ -311,13 +332,11 @@ def backward_source(region: Region, signature: Signature, reduced: tuple[bool, .
 
 
 def _check_launchable(region: Region, tensors) -> None:
-    if interpreted() and any(t.dtype == torch.bfloat16 for t in tensors):
+    if interpreted() and torch.bfloat16 in region.value_dtypes():
         raise UnsupportedRegion(
             "bfloat16 is not supported by Triton's CPU interpreter (TRITON_INTERPRET=1); "
             "use float16/float32 there, or run on a GPU"
         )
-    if interpreted() and any(getattr(torch, d) == torch.bfloat16 for d in region.input_dtypes):
-        raise UnsupportedRegion("bfloat16 is not supported by Triton's CPU interpreter (TRITON_INTERPRET=1)")
     for t in tensors:
         if t.layout != torch.strided:
             raise UnsupportedRegion(f"a {t.layout} tensor cannot be indexed by a pointwise kernel; pass dense tensors")
@@ -371,36 +390,43 @@ def launch_forward(region: Region, inputs: list[torch.Tensor]) -> list[torch.Ten
 
 def launch_backward(region: Region, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gradients of the region's float inputs (in input order) given those of its float outputs."""
+    check_inputs(region, inputs)
     _check_launchable(region, inputs)
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
-        operands, _ = region.apply_views(leaves)
+    float_inputs = [k for k, x in enumerate(inputs) if x.is_floating_point()]
+    operand_index = differentiable_operands(region)
+
+    def float_operands_of(*floats):
+        full = list(inputs)
+        for k, t in zip(float_inputs, floats):
+            full[k] = t
+        operands, _ = region.apply_views(full)
+        return tuple(operands[k] for k in operand_index)
+
+    # The kernel gives gradients with respect to the operands (the inputs after their views);
+    # the vjp of the views carries them back to the inputs. torch.func, not torch.autograd:
+    # this runs inside an op, below the autograd dispatch keys.
+    float_operands, views_vjp = torch.func.vjp(float_operands_of, *(inputs[k] for k in float_inputs))
+    operands, _ = region.apply_views(inputs)
     shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
-    float_operands = [operands[k] for k in differentiable_operands(region)]
     reduced = tuple(tuple(o.shape) != shape or not o.is_contiguous() for o in float_operands)
     device = operands[0].device
     n = math.prod(shape)
     dtypes = backward_dtypes(region, reduced)
     grad_operands = [torch.empty(shape, dtype=dt, device=device) for dt in dtypes]
     if n:
-        out_grads = [grads[j] for j in differentiable_outputs(region)]
-        kernel_operands = [o.detach() for o in operands] + out_grads
+        kernel_operands = list(operands) + list(grads)
         signature, index_args = plan(kernel_operands, shape, _autotune(device))
         source = backward_source(region, signature, reduced)
         _run(source, signature, "pointwise_backward", kernel_operands, grad_operands, n, index_args)
-    sized = []
-    for o, g, needs_sum in zip(float_operands, grad_operands, reduced):
-        sized.append(g.sum_to_size(o.shape).to(o.dtype) if needs_sum else g)
-    float_leaves = [x for x in leaves if x.is_floating_point()]
-    if not float_leaves:
+    sized = [
+        g.sum_to_size(o.shape).to(o.dtype) if needs_sum else g
+        for o, g, needs_sum in zip(float_operands, grad_operands, reduced)
+    ]
+    if not float_inputs:
         return []
-    connected = [(o, g) for o, g in zip(float_operands, sized) if o.requires_grad]
-    if not connected:
-        return [torch.zeros_like(x) for x in float_leaves]
-    input_grads = torch.autograd.grad(
-        [o for o, _ in connected], float_leaves, [g for _, g in connected], allow_unused=True
-    )
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(float_leaves, input_grads)]
+    from codegen.ops import fresh_outputs
+
+    return fresh_outputs(views_vjp(tuple(sized)), list(inputs) + list(grads))
 
 
 # ---- the public entry point -------------------------------------------------------------------
@@ -443,6 +469,9 @@ class PointwiseKernel:
 
     def backward_source_for(self, *tensors: torch.Tensor) -> str:
         check_inputs(self.region, tensors)
+        # As the op saves them for its backward: inputs the gradients do not read are stand-ins.
+        needed = inputs_needed_by_backward(self.region)
+        tensors = [t if keep else _meta_like(t).new_ones(()).expand(t.shape) for t, keep in zip(tensors, needed)]
         operands, shape, _ = self._signature(tensors)
         grads = [torch.empty(shape, dtype=self.region.output_dtypes()[j], device="meta")
                  for j in differentiable_outputs(self.region)]  # fmt: skip
@@ -486,8 +515,11 @@ def pointwise(fn, *example_tensors: torch.Tensor) -> PointwiseKernel:
 
     if not example_tensors or not all(isinstance(t, torch.Tensor) for t in example_tensors):
         raise TypeError("codegen.pointwise(fn, *example_tensors) needs at least one example tensor, and only tensors")
+    # Distinct stand-ins: make_fx maps one tensor object to one proxy, so fn(e, e) would
+    # otherwise trace as a function of a single input.
+    stand_ins = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in example_tensors]
     try:
-        gm = make_fx(fn, tracing_mode="fake")(*example_tensors)
+        gm = make_fx(fn, tracing_mode="fake")(*stand_ins)
     except Exception as exc:  # noqa: BLE001 - any capture failure is reported the same way
         raise UnsupportedRegion(f"could not capture {getattr(fn, '__name__', fn)!r} with make_fx: {exc}") from None
     region = Region.from_graph(gm)

@@ -150,16 +150,18 @@ class Region:
         lists the values the region returns (as ``make_fx`` or ``extract_region`` make)."""
         values: dict[torch.fx.Node, int] = {}
         input_dtypes, input_names, steps, outputs = [], [], [], []
+        for node in gm.graph.find_nodes(op="placeholder"):  # inputs are values 0..n-1
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise UnsupportedRegion(f"input {node.name!r} is not a tensor; pass scalars as constants")
+            _check_dtype(val.dtype, node.name)
+            values[node] = len(values)
+            input_dtypes.append(str(val.dtype).removeprefix("torch."))
+            input_names.append(node.name)
         for node in gm.graph.nodes:
             if node.op == "placeholder":
-                val = node.meta.get("val")
-                if not isinstance(val, torch.Tensor):
-                    raise UnsupportedRegion(f"input {node.name!r} is not a tensor; pass scalars as constants")
-                _check_dtype(val.dtype, node.name)
-                values[node] = len(values)
-                input_dtypes.append(str(val.dtype).removeprefix("torch."))
-                input_names.append(node.name)
-            elif node.op == "call_function":
+                continue
+            if node.op == "call_function":
                 steps.append(_step_of(node, values))
                 values[node] = len(values)
             elif node.op == "output":
@@ -271,6 +273,16 @@ class Region:
                 if r not in computed and r not in used:
                     used.append(r)
         return sorted(used)
+
+    @functools.cache
+    def operand_roots(self) -> tuple[int, ...]:
+        """For each kernel operand, the region input it is (a view of)."""
+        n_inputs = len(self.input_dtypes)
+        root = list(range(n_inputs))
+        for step in self.steps:
+            refs = _references(step.args)
+            root.append(root[refs[0]] if step.is_view else -1)
+        return tuple(root[i] for i in self.operand_indices())
 
     @functools.cache
     def value_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -400,6 +412,11 @@ def _check_dtype(dtype: torch.dtype, name: str) -> None:
     )
 
 
+def overload_name(target: torch._ops.OpOverload) -> str:
+    """"aten.add.Tensor" for torch.ops.aten.add.Tensor."""
+    return f"{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
+
+
 def _step_of(node: torch.fx.Node, values: dict) -> Step:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
@@ -407,7 +424,7 @@ def _step_of(node: torch.fx.Node, values: dict) -> Step:
             f"node {node.name!r} calls {getattr(target, '__name__', target)}, not an ATen op; "
             "capture the region with make_fx or torch.export first"
         )
-    name = f"{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
+    name = overload_name(target)
     from codegen.sym import POINTWISE_OPS
 
     if name not in POINTWISE_OPS and name not in VIEW_OPS and name not in _IDENTITY_OPS:

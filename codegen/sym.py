@@ -281,6 +281,16 @@ def _logical(fn):
     return lambda *args: SymValue(fn(*(_v(a).condition for a in args)), Kind.BOOL)
 
 
+def _bitwise(fn):
+    def build(*args):
+        values = [_v(a) for a in args]
+        if any(v.kind is not Kind.BOOL for v in values):
+            raise ValueError("bitwise ops are supported on bool masks only")
+        return SymValue(fn(*(v.expr for v in values)), Kind.BOOL)
+
+    return build
+
+
 def _pow(base, exponent):
     e = _v(exponent)
     b = _v(base)
@@ -383,6 +393,10 @@ POINTWISE_OPS = {
     "aten.logical_or.default": _logical(sympy.Or),
     "aten.logical_xor.default": _logical(sympy.Xor),
     "aten.logical_not.default": _logical(sympy.Not),
+    "aten.bitwise_and.Tensor": _bitwise(sympy.And),
+    "aten.bitwise_or.Tensor": _bitwise(sympy.Or),
+    "aten.bitwise_xor.Tensor": _bitwise(sympy.Xor),
+    "aten.bitwise_not.default": _bitwise(sympy.Not),
     "aten._to_copy.default": _to_copy,
     "aten.clone.default": lambda x: _v(x),
 }

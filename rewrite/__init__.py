@@ -14,6 +14,7 @@ from rewrite.errors import CaptureError, CheckpointError, OptionError, PassError
 from rewrite.module import RewrittenModule
 from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option, pass_names, register_pass
 from rewrite.pass_manager import PassManager
+from rewrite.regions import grow_pointwise_region, mark_region
 from rewrite.report import Report
 from rewrite.serialize import load, save
 
@@ -32,7 +33,9 @@ __all__ = [
     "RewrittenModule",
     "Skip",
     "capture",
+    "grow_pointwise_region",
     "load",
+    "mark_region",
     "ops",
     "optimize",
     "option",

@@ -12,6 +12,7 @@ from rewrite.capture import capture
 from rewrite.module import RewriteInfo, RewrittenModule, structure_only
 from rewrite.pass_infra import Pass, PassContext, resolve_passes
 from rewrite.pass_manager import PassManager
+from rewrite.regions import CompileRegions, marked_regions
 from rewrite.report import Report
 
 
@@ -29,6 +30,7 @@ def optimize(
     dynamic_batch: bool = True,
     verify: bool = True,
     progress: bool | Callable[[str], None] = False,
+    codegen: bool | None = None,
 ) -> RewrittenModule:
     """Rewrite ``model`` with ``passes`` and return a module called like it.
 
@@ -43,6 +45,9 @@ def optimize(
     verify:         run before/after graphs on the example inputs after every pass: an exact
                     pass must match to float rounding; an approximate one reports its error.
     progress:       True prints progress to stderr; a callable receives each message.
+    codegen:        fuse the regions passes marked into ops that run Triton kernels emitted
+                    for them (see ``rewrite.regions``); default: on when CUDA is available.
+                    Without CUDA the fused ops run the regions op by op with PyTorch.
 
     The model itself is not modified: the result shares its parameters (like torch.compile),
     except those a pass replaced, which are new tensors.
@@ -56,6 +61,11 @@ def optimize(
     final, pass_reports = PassManager(resolved, verify=verify, progress=report_progress).run(
         captured.graph_module, ctx
     )
+    if codegen is None:
+        codegen = torch.cuda.is_available()
+    if codegen and marked_regions(final):
+        final, codegen_reports = PassManager([CompileRegions()], verify=verify, progress=report_progress).run(final, ctx)
+        pass_reports = pass_reports + codegen_reports
     # The graphs kept for inspection hold meta tensors, not the (pre-rewrite) weights.
     light: dict[int, torch.fx.GraphModule] = {}
 

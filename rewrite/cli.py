@@ -3,7 +3,7 @@
     rewrite passes
     rewrite run model.pt2 -p approx_bp -o out.pt2 --report report.html
     rewrite run weights.safetensors --model mypkg.models:build --input-shape 8,3,224,224 -p approx_bp{norms=false} -o out.pt2
-    rewrite inspect out.pt2
+    rewrite inspect out.pt2 --kernels
     rewrite demo
 
 Errors in the input (files, options, models) print one line, ``error: ...``, and exit with
@@ -228,7 +228,7 @@ def cmd_run(args) -> int:
 # -- inspect ------------------------------------------------------------------------------
 
 
-def _inspect_program(path: Path, show_graph: bool) -> None:
+def _inspect_program(path: Path, show_graph: bool, show_kernels: bool = False) -> None:
     from rewrite.diff import graph_lines
     from rewrite.graph import describe_value, op_name
     from rewrite.report import format_bytes
@@ -265,6 +265,10 @@ def _inspect_program(path: Path, show_graph: bool) -> None:
             print(line)
     if show_graph:
         print("\n".join(graph_lines(program.module())))
+    if show_kernels:
+        from rewrite.kernel_listing import format_listings, kernel_listings
+
+        print(format_listings(kernel_listings(program.graph)))
 
 
 def _inspect_state_dict(path: Path) -> None:
@@ -288,8 +292,10 @@ def cmd_inspect(args) -> int:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".pt2":
-        _inspect_program(path, args.graph)
+        _inspect_program(path, args.graph, args.kernels)
     elif path.suffix in STATE_DICT_SUFFIXES:
+        if args.kernels:
+            raise OptionError(f"{path}: --kernels needs a rewritten .pt2 (a state dict holds no graph)")
         _inspect_state_dict(path)
     else:
         raise CheckpointError(f"{path}: unknown file type {path.suffix!r}; rewrite reads .pt2, {', '.join(STATE_DICT_SUFFIXES)}")
@@ -378,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a .pt2, .pt or .safetensors file without running or unpickling it")
     p.add_argument("file", help="the file to describe")
     p.add_argument("--graph", action="store_true", help="for a .pt2: also print its graph, one node a line")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="for a .pt2: print the Triton source emitted for each rewrite op, next to what it computes",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="rewrite a built-in model and print the graph diff and the report")

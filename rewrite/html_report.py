@@ -45,6 +45,11 @@ tr.fold td { color: #8a93a6; background: #fafbfc; font-style: italic; }
 .legend span { display: inline-block; margin-right: 16px; font-size: 12px; }
 .swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 4px; vertical-align: -1px; }
 .muted { color: #5b6478; }
+details.kernel { border: 1px solid #dde1e8; border-radius: 6px; margin: 8px 0; }
+details.kernel summary { cursor: pointer; padding: 6px 10px; background: #f0f2f6; }
+.kernel-body { display: grid; grid-template-columns: minmax(260px, 1fr) 2fr; gap: 12px; padding: 8px 10px; }
+.kernel-body pre { margin: 0; padding: 8px; background: #fafbfc; border: 1px solid #eceef2; border-radius: 4px; overflow-x: auto; white-space: pre; }
+.kernel-body h4 { margin: 6px 0 4px; font-size: 13px; }
 """
 
 _BEFORE_COLOR = "#9aa3b5"
@@ -194,6 +199,39 @@ def _diff_table(p: PassReport, context: int = 4) -> str:
     )
 
 
+def _kernels_section(p: PassReport) -> str:
+    """The Triton source of each rewrite op this pass added, next to the region it computes."""
+    if p.before is None or p.after is None:
+        return ""
+    from rewrite.graph import op_name
+    from rewrite.kernel_listing import kernel_listings
+
+    existing = {n.name for n in p.before.graph.nodes if op_name(n).startswith("rewrite.")}
+    added = {n.name for n in p.after.graph.nodes if op_name(n).startswith("rewrite.") and n.name not in existing}
+    if not added:
+        return ""
+    try:
+        listings = kernel_listings(p.after, only=added)
+    except Exception as exc:  # noqa: BLE001 - the report still renders; the reason is shown
+        return f"<h3>Emitted kernels</h3><p class='bad'>could not emit the kernels' source: {_e(exc)}</p>"
+    if not listings:
+        return ""
+    items = []
+    for k, listing in enumerate(listings):
+        sources = "".join(f"<h4>{_e(name)} kernel</h4><pre>{_e(src)}</pre>" for name, src in listing.sources.items())
+        items.append(
+            f"<details class='kernel'{' open' if k == 0 else ''}><summary><code>{_e(listing.op)}</code> at "
+            f"<code>{_e(listing.node)}</code> · {len(listing.sources)} kernel(s)</summary>"
+            f"<div class='kernel-body'><div><h4>region</h4><pre>{_e(listing.region)}</pre></div><div>{sources}</div></div>"
+            "</details>"
+        )
+    return (
+        f"<h3 id='{_e(p.name)}-kernels'>Emitted kernels</h3><p class='muted'>Triton source codegen emits for the ops "
+        "this pass added, for the dtypes and layouts of the example inputs; they run on CUDA (elsewhere the ops run "
+        "their PyTorch reference).</p>" + "".join(items)
+    )
+
+
 def _pass_section(p: PassReport) -> str:
     approx = "" if p.exact_forward and p.exact_backward else " approx"
     chart_rows = _chart_rows(p)
@@ -211,6 +249,7 @@ def _pass_section(p: PassReport) -> str:
         + _cards(p)
         + chart
         + _changes_table(p)
+        + _kernels_section(p)
         + _diff_table(p)
         + "</section>"
     )

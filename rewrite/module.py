@@ -154,6 +154,13 @@ class RewrittenModule(fx.GraphModule):
     def report(self):
         return self.rewrite_info.report
 
+    def kernels(self):
+        """The Triton source behind each rewrite op of the graph, with what it computes
+        (a list of ``rewrite.kernel_listing.KernelListing``)."""
+        from rewrite.kernel_listing import kernel_listings
+
+        return kernel_listings(self.graph)
+
     @property
     def example_inputs(self) -> tuple[tuple, dict]:
         return self.rewrite_info.example_args, self.rewrite_info.example_kwargs
