@@ -25,6 +25,7 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/approx_bp.py
+	$(PY) benchmarks/codegen.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -14,7 +14,10 @@ machines without it (the ops then run their PyTorch reference).
 """
 
 from codegen.cache import cache_dir, set_cache_dir
-from codegen.launch import use_triton_on_cpu
+from codegen.launch import quiet_op_registration, use_triton_on_cpu
+
+with quiet_op_registration():
+    from codegen import ops  # noqa: F401 - registers torch.ops.rewrite.pointwise (the kernels' op)
 from codegen.pointwise import PointwiseKernel, pointwise
 from codegen.region import Region, UnsupportedRegion, extract_region
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 
 import torch
@@ -28,7 +29,10 @@ _triton_on_cpu = False
 
 @functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:
+        return False
 
 
 def interpreted() -> bool:
@@ -68,6 +72,20 @@ def use_triton_on_cpu(enabled: bool = True):
         yield
     finally:
         _triton_on_cpu = previous
+
+
+@contextlib.contextmanager
+def quiet_op_registration():
+    """Defining a ``triton_op`` without Triton installed logs a warning per op; the ops work
+    without it (they run their reference), so say nothing."""
+    logger = logging.getLogger("torch._library.triton")
+    previous = logger.level
+    if not triton_available():
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def elementwise_grid(n: int, block: int = ELEMENTWISE_BLOCK) -> tuple[int]:

@@ -4,8 +4,10 @@ approx_bp, the hooks later passes build on (``row_polynomial``, ``masked_matmul`
 codegen's ``pointwise`` ops that carry emitted kernels. Each op runs codegen's Triton kernels
 on CUDA (and on the CPU under ``use_triton_on_cpu``) and its PyTorch reference elsewhere."""
 
-import codegen.ops  # noqa: F401 - registers torch.ops.rewrite.pointwise / pointwise_backward
-from codegen.launch import use_triton_on_cpu
-from rewrite.ops import masked_matmul, ms_norm, row_polynomial, step_activation
+from codegen.launch import quiet_op_registration, use_triton_on_cpu
+
+with quiet_op_registration():
+    import codegen.ops  # noqa: F401 - registers torch.ops.rewrite.pointwise / pointwise_backward
+    from rewrite.ops import masked_matmul, ms_norm, row_polynomial, step_activation
 
 __all__ = ["masked_matmul", "ms_norm", "row_polynomial", "step_activation", "use_triton_on_cpu"]
