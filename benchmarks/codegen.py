@@ -27,6 +27,7 @@ interpreter says nothing about speed).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -95,8 +96,13 @@ def regions(device: str, dtype: torch.dtype, compile_baselines: bool) -> list[Re
     gelu_pack_compiled = compile_(gelu_pack_eager)
     bias_compiled = compile_(bias_act_res)
 
-    def rows(n):
-        return max(1, n // COLUMNS)
+    def rows_cols(n):
+        cols = min(COLUMNS, max(n, 1))
+        return -(-max(n, 1) // cols), cols
+
+    def bias_inputs(n):
+        rows, cols = rows_cols(n)
+        return randn(rows, cols), randn(cols), randn(rows, cols)
 
     return [
         Region(
@@ -119,11 +125,11 @@ def regions(device: str, dtype: torch.dtype, compile_baselines: bool) -> list[Re
         ),
         Region(
             "bias_act_res",
-            lambda n: (randn(rows(n), COLUMNS), randn(COLUMNS), randn(rows(n), COLUMNS)),
+            bias_inputs,
             bias_kernel,
             bias_act_res,
             bias_compiled,
-            lambda n: 3 * rows(n) * COLUMNS * size,
+            lambda n: 3 * math.prod(rows_cols(n)) * size,
             lambda x, b, r: bias_act_res(x.double(), b.double(), r.double()),
         ),
     ]

@@ -210,6 +210,7 @@ def cmd_run(args) -> int:
         dynamic_batch=not args.static_batch,
         verify=not args.no_verify,
         progress=progress,
+        codegen={"auto": None, "on": True, "off": False}[args.codegen],
     )
     page = render_html(rewritten.report) if args.report else None  # fails before anything is written
     progress(f"saving {args.output}")
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="keep the batch size fixed instead of dynamic")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the graphs before/after each pass on the example inputs (faster; no numerics in the report)")
+    p.add_argument("--codegen", choices=("auto", "on", "off"), default="auto",
+                   help="fuse the regions passes marked into ops running emitted Triton kernels "
+                        "(auto: on when CUDA is available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_run)
 

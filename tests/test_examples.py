@@ -29,6 +29,13 @@ def test_custom_pass_example_fuses_hand_written_swish_then_approx_bp():
     assert "aten.silu -> rewrite.resilu2" in out
 
 
+def test_fuse_pointwise_example_compiles_its_region():
+    out = _run("fuse_pointwise.py")
+    assert "marked for codegen" in out and "-> rewrite.pointwise" in out
+    assert "torch.ops.rewrite.pointwise.default" in out  # the rewritten graph calls the fused op
+    assert "@triton.jit" in out and "def pointwise_forward" in out
+
+
 @pytest.mark.parametrize("model", ["mlp", "llama"])
 def test_demo(tmp_path, capsys, model):
     assert main(["demo", "--model", model, "--out", str(tmp_path)]) == 0
