@@ -89,6 +89,7 @@ def _write_atomically(directory: Path, path: Path, source: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(source)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; other users may share the cache
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

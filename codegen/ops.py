@@ -82,10 +82,13 @@ def _setup_context(ctx, inputs, output):
     from codegen.pointwise import inputs_needed_by_backward
 
     tensors, spec = inputs
-    needed = inputs_needed_by_backward(_region(spec))
-    # Inputs the backward does not read are kept as one element broadcast to their shape
-    # (ones: a stand-in that keeps log/division finite in the reference's recomputation).
-    ctx.save_for_backward(*(t if keep else t.new_ones(()).expand(t.shape) for t, keep in zip(tensors, needed)))
+    # On the kernel path, inputs the backward kernel does not read are kept as one element
+    # broadcast to their shape. The reference backward recomputes the whole region, so it
+    # keeps them all.
+    if tensors and kernels_enabled(tensors[0]):
+        needed = inputs_needed_by_backward(_region(spec))
+        tensors = [t if keep else t.new_ones(()).expand(t.shape) for t, keep in zip(tensors, needed)]
+    ctx.save_for_backward(*tensors)
     ctx.spec = spec
     ctx.float_outputs = [o.is_floating_point() for o in output]
 

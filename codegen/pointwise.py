@@ -7,14 +7,15 @@ with ``.source`` and ``.backward_source`` holding the Triton text emitted for th
 
 How a kernel is made:
 
-1. The region's outputs become sympy expressions over its operands (``Region.expressions``);
-   the backward's are ``sum_j grad_j * d out_j / d operand_k`` from sympy's ``diff``.
+1. The region becomes assignments, one sympy expression per op over the operands and earlier
+   ops (``Region.program``); the backward accumulates ``d_v = sum_u d_u * du/dv`` over the
+   same assignments in reverse, each partial derivative from sympy's ``diff``.
 2. The iteration space is the broadcast shape of the operands, with adjacent dimensions
    merged wherever every operand allows it. Each operand is *linear* (same shape,
    contiguous: offset = index), *scalar* (one element) or *strided* (offset from the index's
    coordinates and the operand's strides; broadcast dimensions have no term).
-3. ``sympy.cse`` shares common subexpressions, ``TritonPrinter`` prints them, and the source
-   goes through the kernel cache (``codegen.cache``) to a module.
+3. ``sympy.cse`` shares common subexpressions within each op's expression, ``TritonPrinter``
+   prints them, and the source goes through the kernel cache (``codegen.cache``) to a module.
 
 Block sizes: on a GPU the kernel is autotuned over a few block sizes and warp counts keyed on
 the element count; under the CPU interpreter (which runs one program at a time, vectorised
@@ -34,8 +35,8 @@ import torch
 from codegen import cache
 from codegen.launch import interpreted, on_device
 from codegen.printer import TL_DTYPES, TritonPrinter, helper_source
-from codegen.region import Region, UnsupportedRegion
-from codegen.sym import Kind
+from codegen.region import Program, Region, UnsupportedRegion
+from codegen.sym import Kind, SymValue
 
 INTERPRETER_MAX_BLOCK = 4096
 GPU_CONFIGS = ((1024, 4), (2048, 8), (4096, 8))  # (BLOCK, num_warps) tried by autotune
@@ -202,38 +203,48 @@ def emit_kernel(
     name: str,
     operand_symbols,
     operand_dtypes,
+    assignments: list[tuple[sympy.Symbol, sympy.Basic]],
     outputs: list[tuple[sympy.Basic, torch.dtype]],
+    compute: torch.dtype,
     signature: Signature,
     header: str,
 ) -> str:
-    """Source of one elementwise kernel: loads, the cse'd expressions, stores."""
-    compute = _compute_dtype(list(operand_dtypes) + [dt for _, dt in outputs])
+    """Source of one elementwise kernel: loads of the operands it reads, the assignments in
+    order (common subexpressions within each shared), the stores of the outputs."""
     printer = TritonPrinter(compute)
-    body, texts, replacements, reduced = print_expressions(printer, [e for e, _ in outputs])
+    body = []
     block_valued = {s for s, lay in zip(operand_symbols, signature.layouts) if lay.kind != "scalar"}
-    for symbol, expr in replacements:
+    used = set()
+    for k, (symbol, expr) in enumerate(assignments):
+        lines, (text,), replacements, _ = print_expressions(printer, [expr], prefix=f"{symbol.name}_")
+        body += lines + [f"{symbol.name} = {text}"]
+        used |= expr.free_symbols
+        for temp, sub in replacements:
+            if sub.free_symbols & block_valued:
+                block_valued.add(temp)
         if expr.free_symbols & block_valued:
             block_valued.add(symbol)
+    lines, texts, _, reduced = print_expressions(printer, [e for e, _ in outputs], prefix="out_")
+    body += lines
     stores = []
-    for k, (expr, value, (_, dtype)) in enumerate(zip(reduced, texts, outputs)):
+    for k, (expr, value, (original, dtype)) in enumerate(zip(reduced, texts, outputs)):
         tl_dtype = TL_DTYPES[dtype]
+        used |= original.free_symbols if not is_constant(original) else set()
         if is_constant(expr):
             value = f"tl.full([BLOCK], {value}, {tl_dtype})"
         else:
-            if not (expr.free_symbols & block_valued):
+            if not (original.free_symbols & block_valued):
                 value = f"tl.broadcast_to({value}, [BLOCK])"
             value = f"({value}).to({tl_dtype})"
         stores.append(f"tl.store(out{k} + offs, {value}, mask=mask)")
-    used = {s.name for _, e in replacements for s in e.free_symbols} | {
-        s.name for e in reduced if not is_constant(e) for s in e.free_symbols
-    }
+    used_names = {s.name for s in used}
     params = _params(len(operand_symbols), len(outputs), signature)
     program = "tl.program_id(0).to(tl.int64)" if signature.index64 else "tl.program_id(0)"
     lines = [
         f"offs = {program} * BLOCK + tl.arange(0, BLOCK)",
         "mask = offs < n",
         *_index_lines(signature),
-        *_load_lines([s.name for s in operand_symbols], operand_dtypes, signature.layouts, compute, used),
+        *_load_lines([s.name for s in operand_symbols], operand_dtypes, signature.layouts, compute, used_names),
         *body,
         *stores,
     ]
@@ -248,6 +259,22 @@ def emit_kernel(
     )
 
 
+def _needed_steps(program: Program, roots: set) -> list[tuple[sympy.Symbol, sympy.Basic]]:
+    """The forward assignments the symbols in ``roots`` depend on, in order."""
+    needed = set(roots)
+    keep = []
+    for symbol, value in reversed(program.steps):
+        if symbol in needed:
+            expr = _value_expr(value)
+            needed |= expr.free_symbols
+            keep.append((symbol, expr))
+    return keep[::-1]
+
+
+def _value_expr(value: SymValue) -> sympy.Basic:
+    return value.expr if value.kind is Kind.BOOL else value.number
+
+
 def _header(region: Region, signature: Signature, what: str) -> str:
     described = region.describe().replace("\n", "\n#   ")
     return (
@@ -256,12 +283,24 @@ def _header(region: Region, signature: Signature, what: str) -> str:
     )
 
 
+def compute_dtype(region: Region) -> torch.dtype:
+    return _compute_dtype(region.value_dtypes())
+
+
 @functools.lru_cache(maxsize=512)
 def forward_source(region: Region, signature: Signature) -> str:
-    symbols, values = region.expressions()
-    outputs = [(v.expr if v.kind is Kind.BOOL else v.number, dt) for v, dt in zip(values, region.output_dtypes())]
+    program = region.program()
+    outputs = [(_value_expr(v), dt) for v, dt in zip(program.outputs, region.output_dtypes())]
+    roots = set().union(*(e.free_symbols for e, _ in outputs))
     return emit_kernel(
-        "pointwise_forward", symbols, region.operand_dtypes(), outputs, signature, _header(region, signature, "forward")
+        "pointwise_forward",
+        program.operands,
+        region.operand_dtypes(),
+        _needed_steps(program, roots),
+        outputs,
+        compute_dtype(region),
+        signature,
+        _header(region, signature, "forward"),
     )
 
 
@@ -273,29 +312,62 @@ def differentiable_operands(region: Region) -> list[int]:
     return [k for k, dt in enumerate(region.operand_dtypes()) if dt.is_floating_point]
 
 
+@dataclass(frozen=True)
+class Backward:
+    """The backward of a region by reverse accumulation over its steps: ``grads`` are the
+    symbols of the incoming gradients (one per float output), ``adjoints`` the assignments
+    ``d_v = sum over users u of d_u * du/dv`` in reverse order, ``operand_grads`` one
+    expression per float operand, ``forward`` the forward assignments they read."""
+
+    grads: tuple[sympy.Symbol, ...]
+    forward: tuple[tuple[sympy.Symbol, sympy.Basic], ...]
+    adjoints: tuple[tuple[sympy.Symbol, sympy.Basic], ...]
+    operand_grads: tuple[sympy.Basic, ...]
+
+
 @functools.lru_cache(maxsize=256)
-def gradient_expressions(region: Region) -> tuple[tuple[sympy.Symbol, ...], tuple[sympy.Expr, ...]]:
-    """(grad symbols, one gradient expression per differentiable operand)."""
-    symbols, values = region.expressions()
-    grads = tuple(sympy.Symbol(f"g{j}", real=True) for j in differentiable_outputs(region))
-    outs = [values[j].number for j in differentiable_outputs(region)]
-    exprs = []
-    for k in differentiable_operands(region):
-        exprs.append(sympy.Add(*(g * sympy.diff(out, symbols[k]) for g, out in zip(grads, outs))))
-    return grads, tuple(exprs)
+def backward_program(region: Region) -> Backward:
+    program = region.program()
+    outputs = differentiable_outputs(region)
+    grads = tuple(sympy.Symbol(f"g{j}", real=True) for j in outputs)
+    terms: dict[sympy.Symbol, list] = {}
+    for g, j in zip(grads, outputs):
+        terms.setdefault(program.outputs[j].expr, []).append(g)
+    adjoints = []
+    for symbol, value in reversed(program.steps):
+        if symbol not in terms or value.kind is not Kind.FLOAT:
+            continue
+        adjoint = sympy.Symbol(f"d_{symbol.name}", real=True)
+        adjoints.append((adjoint, sympy.Add(*terms[symbol])))
+        expr = value.number
+        for arg in sorted(expr.free_symbols, key=lambda s: s.name):
+            if program.kind_of(arg) is not Kind.FLOAT:
+                continue
+            partial = sympy.diff(expr, arg)
+            if partial == 0:
+                continue
+            # sigmoid' = s(1 - s), exp' = exp, tanh' = 1 - tanh^2: read the forward value.
+            partial = partial.xreplace({expr: symbol})
+            terms.setdefault(arg, []).append(adjoint * partial)
+    operand_grads = tuple(
+        sympy.Add(*terms.get(program.operands[k], [])) for k in differentiable_operands(region)
+    )
+    reads = set().union(*(e.free_symbols for _, e in adjoints), *(e.free_symbols for e in operand_grads))
+    return Backward(grads, tuple(_needed_steps(program, reads)), tuple(adjoints), operand_grads)
 
 
 @functools.lru_cache(maxsize=256)
 def inputs_needed_by_backward(region: Region) -> tuple[bool, ...]:
-    """Per region input: whether the gradients read its values. ``x * 0.5 + r`` needs neither
-    x nor r; the fused op keeps only what its backward reads, not every intermediate and input."""
-    symbols, _ = region.expressions()
-    _, exprs = gradient_expressions(region)
-    used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
-    roots = region.operand_roots()
+    """Per region input: whether the backward kernel reads its values. ``x * 0.5 + r`` needs
+    neither x nor r; the fused op keeps only what its backward reads, not every intermediate
+    and input."""
+    backward = backward_program(region)
+    reads = set().union(
+        *(e.free_symbols for _, e in backward.forward + backward.adjoints), *(e.free_symbols for e in backward.operand_grads)
+    )
     needed = [False] * len(region.input_dtypes)
-    for symbol, root in zip(symbols, roots):
-        if symbol in used:
+    for symbol, root in zip(region.program().operands, region.operand_roots()):
+        if symbol in reads:
             needed[root] = True
     return tuple(needed)
 
@@ -313,16 +385,16 @@ def backward_dtypes(region: Region, reduced: tuple[bool, ...]) -> list[torch.dty
 
 @functools.lru_cache(maxsize=512)
 def backward_source(region: Region, signature: Signature, reduced: tuple[bool, ...]) -> str:
-    symbols, _ = region.expressions()
-    grads, exprs = gradient_expressions(region)
+    backward = backward_program(region)
     out_dtypes = region.output_dtypes()
     grad_dtypes = [out_dtypes[j] for j in differentiable_outputs(region)]
-    outputs = list(zip(exprs, backward_dtypes(region, reduced)))
     return emit_kernel(
         "pointwise_backward",
-        symbols + grads,
+        region.program().operands + backward.grads,
         list(region.operand_dtypes()) + grad_dtypes,
-        outputs,
+        list(backward.forward + backward.adjoints),
+        list(zip(backward.operand_grads, backward_dtypes(region, reduced))),
+        compute_dtype(region),
         signature,
         _header(region, signature, "backward"),
     )
@@ -523,4 +595,5 @@ def pointwise(fn, *example_tensors: torch.Tensor) -> PointwiseKernel:
     except Exception as exc:  # noqa: BLE001 - any capture failure is reported the same way
         raise UnsupportedRegion(f"could not capture {getattr(fn, '__name__', fn)!r} with make_fx: {exc}") from None
     region = Region.from_graph(gm)
+    region.check_shapes([_meta_like(t) for t in example_tensors])
     return PointwiseKernel(region, example_tensors, example_tensors[0].device)

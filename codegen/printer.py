@@ -72,6 +72,41 @@ def _remainder_int(a, b):
     r = a % b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
 ''',
+    "_floordiv_float": '''
+@triton.jit
+def _floordiv_float(a, b):
+    # PyTorch's floor division of floats: from fmod (Triton's float % is C's fmod), so that
+    # 1.0 // 0.1 is 9 as in PyTorch, not floor(1.0 / 0.1) = 10.
+    mod = a % b
+    div = (a - mod) / b
+    div = tl.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1.0, div)
+    floordiv = tl.floor(div)
+    floordiv = tl.where(div - floordiv > 0.5, floordiv + 1.0, floordiv)
+    floordiv = tl.where(div == 0, 0.0 * (a / b), floordiv)
+    return tl.where(b == 0, a / b, floordiv)
+''',
+    "_remainder_float": '''
+@triton.jit
+def _remainder_float(a, b):
+    # PyTorch's remainder of floats: fmod, moved to the divisor's sign.
+    mod = a % b
+    return tl.where((mod != 0) & ((b < 0) != (mod < 0)), mod + b, mod)
+''',
+    "_ipow": '''
+@triton.jit
+def _ipow(b, e):
+    # Integer power by squaring over the exponent's bits: exact, unlike exp(e * log(b)).
+    r = b * 0 + 1
+    base = b
+    k = e
+    for _ in tl.static_range(63):
+        r = tl.where((k & 1) != 0, r * base, r)
+        k = k >> 1
+        base = base * base
+    # Negative exponents of integers: 1 and -1 have an integer power, the rest truncate to 0.
+    negative = tl.where(b == 1, 1, tl.where(b == -1, tl.where((e & 1) != 0, -1, 1), 0))
+    return tl.where(e < 0, negative, r)
+''',
     "_pow": '''
 @triton.jit
 def _pow(b, e):
@@ -151,14 +186,22 @@ class TritonPrinter:
         terms = []
         for term in sympy.Add.make_args(expr):
             coeff, rest = term.as_coeff_Mul()
-            if coeff.is_number and coeff < 0 and rest != 1:
+            if term.is_number and term.is_extended_real and term < 0:
+                terms.append(("-", self.number(-term, as_float=not expr.is_integer)))
+            elif coeff.is_number and coeff < 0 and rest != 1:
                 terms.append(("-", self.print(-term)))
             else:
-                terms.append(("+", self.print(term)))
+                terms.append(("+", self._term(term, expr)))
+        terms.sort(key=lambda t: t[0] == "-")  # a0 - 10, never -10 + a0 (unsigned a0 takes no negative literal)
         text = terms[0][1] if terms[0][0] == "+" else f"-{terms[0][1]}"
         for sign, t in terms[1:]:
             text += f" {sign} {t}"
         return f"({text})"
+
+    def _term(self, term, whole) -> str:
+        if term.is_number:
+            return self.number(term, as_float=not whole.is_integer)
+        return self.print(term)
 
     def _print_Mul(self, expr):
         float_result = not expr.is_integer
@@ -199,6 +242,9 @@ class TritonPrinter:
             if n > 0:
                 return power
             return f"({self.float_literal(1.0)} / {power})"
+        if expr.is_integer or (base.is_integer and exp.is_integer):
+            self.helpers.add("_ipow")
+            return f"_ipow({self._int_operand(base)}, {self._int_operand(exp)})"
         if base.is_number:
             # c ** x = exp(x * ln c) for a positive constant base.
             if base > 0:
@@ -224,6 +270,11 @@ class TritonPrinter:
         name = f"{self._temp_prefix}{self._temps}"
         self.lines.append(f"{name} = {text}")
         return name
+
+    def _int_operand(self, expr) -> str:
+        if expr.is_number:
+            return f"tl.full([], {int(expr)}, tl.int64)"
+        return self.print(expr)
 
     def _as_tensor(self, expr) -> str:
         """A float operand that must be a tensor even when it is a constant."""
@@ -309,12 +360,31 @@ class TritonPrinter:
                 return f"({self.print(a)} % {self.print(b)})"
             self.helpers.add("_remainder_int")
             return f"_remainder_int({self.print(a)}, {self.print(b)})"
-        a_name, b_name = self.bind(a), self.bind(b)
-        return f"({a_name} - {b_name} * tl.floor({a_name} / {b_name}))"
+        self.helpers.add("_remainder_float")
+        return f"_remainder_float({self._as_tensor(a)}, {self._as_tensor(b)})"
+
+    def _print_FloorDivF(self, expr):
+        self.helpers.add("_floordiv_float")
+        a, b = expr.args
+        return f"_floordiv_float({self._as_tensor(a)}, {self._as_tensor(b)})"
 
     def _print_CFmod(self, expr):
         a, b = expr.args
         return f"({self.print(a)} % {self.print(b)})"  # Triton's % is C's fmod, ints and floats
+
+    def _raw(self, expr, op: str) -> str:
+        as_float = not expr.is_integer
+        a, b = (self.number(x, as_float=as_float) if x.is_number else self.print(x) for x in expr.args)
+        return f"({a} {op} {b})"
+
+    def _print_RawAdd(self, expr):
+        return self._raw(expr, "+")
+
+    def _print_RawMul(self, expr):
+        return self._raw(expr, "*")
+
+    def _print_RawDiv(self, expr):
+        return self._raw(expr, "/")
 
     def _print_Function(self, expr):
         cls = type(expr)

@@ -7,8 +7,9 @@ string argument through export and ``.pt2`` files, and so that three things deri
 description:
 
 - ``run_reference``: the program run op by op with PyTorch (the CPU path and the fake kernel);
-- ``expressions``: per-element sympy expressions of the outputs over the kernel operands,
-  from which the Triton printer emits the forward kernel and sympy's derivatives the backward;
+- ``program``: the region in SSA form, one sympy expression per step over the kernel operands
+  and earlier steps, from which the Triton printer emits the forward kernel and sympy's
+  derivatives (chained step by step) the backward;
 - ``describe``: the text shown next to the emitted source in reports.
 
 Values are numbered: the inputs first, then one value per step in order.
@@ -121,6 +122,29 @@ def _decode(arg, values):
     if isinstance(arg, tuple):
         return [_decode(a, values) for a in arg]
     return arg
+
+
+def _symbol(name: str, kind: Kind) -> sympy.Symbol:
+    return sympy.Symbol(name, **{Kind.FLOAT: {"real": True}, Kind.INT: {"integer": True}, Kind.BOOL: {}}[kind])
+
+
+@dataclass(frozen=True)
+class Program:
+    """A region as assignments: ``steps`` are (symbol, value) in order, ``outputs`` the values
+    (symbols) returned."""
+
+    operands: tuple[sympy.Symbol, ...]
+    steps: tuple[tuple[sympy.Symbol, SymValue], ...]
+    outputs: tuple[SymValue, ...]
+
+    def kind_of(self, symbol: sympy.Symbol) -> Kind | None:
+        for s, value in self.steps:
+            if s == symbol:
+                return value.kind
+        if symbol in self.operands:
+            return Kind.BOOL if not (symbol.is_real or symbol.is_integer) else (
+                Kind.INT if symbol.is_integer else Kind.FLOAT)  # fmt: skip
+        return None
 
 
 @dataclass(frozen=True)
@@ -310,18 +334,23 @@ class Region:
     # ---- symbolic form ------------------------------------------------------------------
 
     @functools.cache
-    def expressions(self) -> tuple[tuple[sympy.Symbol, ...], tuple[SymValue, ...]]:
-        """(one symbol per kernel operand, one expression per output)."""
+    def program(self) -> Program:
+        """The region in SSA form: a symbol per kernel operand (``a0, a1, ...``) and per
+        pointwise step (``v0, v1, ...``), each step an expression of earlier symbols.
+
+        One symbol per step keeps sympy from simplifying across ops: it would rewrite
+        ``sqrt(x) ** 2`` as ``x`` and ``exp(log(x))`` as ``x``, which is wrong for negative x.
+        """
         dtypes = self.value_dtypes()
         operands = self.operand_indices()
-        symbols = {}
         values: dict[int, SymValue] = {}
+        operand_symbols = []
         for k, index in enumerate(operands):
-            kind = kind_of_dtype(dtypes[index])
-            assumptions = {Kind.FLOAT: {"real": True}, Kind.INT: {"integer": True}, Kind.BOOL: {}}[kind]
-            symbols[index] = sympy.Symbol(f"a{k}", **assumptions)
-            values[index] = SymValue(symbols[index], kind)
+            symbol = _symbol(f"a{k}", kind_of_dtype(dtypes[index]))
+            operand_symbols.append(symbol)
+            values[index] = SymValue(symbol, kind_of_dtype(dtypes[index]))
         n_inputs = len(self.input_dtypes)
+        steps = []
         for k, step in enumerate(self.steps):
             index = n_inputs + k
             if step.is_view:
@@ -329,12 +358,22 @@ class Region:
             args = _decode(step.args, values)
             kwargs = {key: _decode(v, values) for key, v in step.kwargs}
             try:
-                values[index] = pointwise_expression(step.op, args, kwargs, dtypes[index])
-            except UnsupportedRegion:
-                raise
+                value = pointwise_expression(step.op, args, kwargs, dtypes[index])
             except ValueError as exc:
                 raise UnsupportedRegion(f"node {step.name!r} ({step.op}): {exc}") from None
-        return tuple(symbols[i] for i in operands), tuple(values[i] for i in self.outputs)
+            if isinstance(value.expr, sympy.Symbol):  # a copy: the value it copies
+                values[index] = value
+                continue
+            symbol = _symbol(f"v{len(steps)}", value.kind)
+            steps.append((symbol, value))
+            values[index] = SymValue(symbol, value.kind)
+        return Program(tuple(operand_symbols), tuple(steps), tuple(values[i] for i in self.outputs))
+
+    def check_shapes(self, inputs) -> None:
+        """``check_output_shapes`` for these inputs (real, fake or meta tensors)."""
+        operands, _ = self.apply_views(inputs)
+        shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+        self.check_output_shapes([tuple(o.shape) for o in operands], shape)
 
     def check_output_shapes(self, operand_shapes: list[tuple[int, ...]], shape: tuple[int, ...]) -> None:
         """Every output must cover the whole iteration space: a kernel writes each output at

@@ -109,6 +109,12 @@ class FloorDiv(_ZeroDerivative):
     is_integer = True
 
 
+class FloorDivF(_ZeroDerivative):
+    """PyTorch's floor division of floats: derived from fmod, not floor(a / b)."""
+
+    is_real = True
+
+
 class TruncDiv(_ZeroDerivative):
     """C division of integers (rounds toward zero): ``div(rounding_mode='trunc')``."""
 
@@ -126,7 +132,7 @@ class PyMod(sympy.Function):
 
     def fdiff(self, argindex=1):
         a, b = self.args
-        return sympy.Integer(1) if argindex == 1 else -FloorF(a / b)
+        return sympy.Integer(1) if argindex == 1 else -FloorDivF(a, b)
 
 
 class CFmod(sympy.Function):
@@ -205,7 +211,8 @@ def _float_operand(arg) -> sympy.Expr:
 
 
 def _relu(x):
-    return sympy.Piecewise((x, x > 0), (0, True))
+    # NaN fails x <= 0 and passes through, as in torch.relu; relu'(0) = 0.
+    return sympy.Piecewise((0, x <= 0), (x, True))
 
 
 def gelu_expression(x, approximate="none"):
@@ -246,7 +253,9 @@ def _divide(a, b, rounding_mode=None):
         return _float_operand(va) / _float_operand(vb)
     if va.kind is not Kind.FLOAT and vb.kind is not Kind.FLOAT:
         return (FloorDiv if rounding_mode == "floor" else TruncDiv)(va.number, vb.number)
-    return (FloorF if rounding_mode == "floor" else TruncF)(_n(a) / _n(b))
+    if rounding_mode == "floor":
+        return FloorDivF(_float_operand(va), _float_operand(vb))
+    return TruncF(_float_operand(va) / _float_operand(vb))
 
 
 def _to_copy(x, dtype=None, **_):
@@ -355,10 +364,10 @@ POINTWISE_OPS = {
     "aten.silu.default": _float1(lambda x: x * Sigmoid(x)),
     "aten.mish.default": _float1(lambda x: x * sympy.tanh(sympy.log(1 + sympy.exp(x)))),
     "aten.softplus.default": _float1(_softplus),
-    "aten.leaky_relu.default": lambda x, slope=0.01: sympy.Piecewise((_n(x), _n(x) > 0), (_n(slope) * _n(x), True)),
+    "aten.leaky_relu.default": lambda x, slope=0.01: sympy.Piecewise((_n(slope) * _n(x), _n(x) <= 0), (_n(x), True)),
     "aten.elu.default": lambda x, alpha=1.0, scale=1.0, input_scale=1.0: sympy.Piecewise(
-        (_n(scale) * _n(x), _n(x) > 0),
-        (_n(scale) * _n(alpha) * (sympy.exp(_n(input_scale) * _n(x)) - 1), True),
+        (_n(scale) * _n(alpha) * (sympy.exp(_n(input_scale) * _n(x)) - 1), _n(x) <= 0),
+        (_n(scale) * _n(x), True),
     ),
     "aten.hardtanh.default": lambda x, lo=-1.0, hi=1.0: _hardtanh(_n(x), lo, hi),
     "aten.hardsigmoid.default": lambda x: _hardtanh(_n(x) / 6 + sympy.Rational(1, 2), 0, 1),
@@ -402,6 +411,43 @@ POINTWISE_OPS = {
 }
 
 
+class _Raw(sympy.Function):
+    """Arithmetic sympy may not simplify: ``x - x`` is NaN for infinite x, ``x * 0`` is NaN
+    for infinite or NaN x, ``x / x`` is NaN for 0 and infinities. Used only where automatic
+    simplification would have cancelled an operand; printed as the plain operator."""
+
+    is_real = True
+
+    def _eval_is_integer(self):
+        return all(a.is_integer for a in self.args) and type(self) is not RawDiv
+
+
+class RawAdd(_Raw):
+    def fdiff(self, argindex=1):
+        return sympy.Integer(1)
+
+
+class RawMul(_Raw):
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return b if argindex == 1 else a
+
+
+class RawDiv(_Raw):
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return 1 / b if argindex == 1 else -a / b**2
+
+
+_ARITHMETIC_UNEVALUATED = {
+    "aten.add.Tensor": lambda a, b, alpha=1: RawAdd(a, _n(alpha) * b),
+    "aten.sub.Tensor": lambda a, b, alpha=1: RawAdd(a, -_n(alpha) * b),
+    "aten.mul.Tensor": lambda a, b: RawMul(a, b),
+    "aten.mul.Scalar": lambda a, b: RawMul(a, b),
+    "aten.div.Tensor": lambda a, b: RawDiv(a, b),
+}
+
+
 def pointwise_expression(op: str, args: list, kwargs: dict, out_dtype: torch.dtype) -> SymValue:
     """The expression of one step; its kind comes from the dtype PyTorch gives the result."""
     if out_dtype.is_complex:
@@ -409,8 +455,14 @@ def pointwise_expression(op: str, args: list, kwargs: dict, out_dtype: torch.dty
     for a in args:
         if isinstance(a, (list, tuple)):
             raise ValueError("list arguments are not elementwise")
-    result = POINTWISE_OPS[op](*args, **kwargs)
     kind = kind_of_dtype(out_dtype)
+    if kind is Kind.FLOAT and op not in _SELECTS:
+        # PyTorch converts integer operands to the float result type before the arithmetic
+        # (int8 * 2.0 is 200.0, not an int8 product that wrapped).
+        args = [_as_float_value(a) for a in args]
+    result = POINTWISE_OPS[op](*args, **kwargs)
+    if kind is Kind.FLOAT and not isinstance(result, SymValue):
+        result = _keep_cancelled_operands(op, args, kwargs, result)
     if isinstance(result, SymValue):
         if result.kind is kind:
             return result
@@ -420,3 +472,21 @@ def pointwise_expression(op: str, args: list, kwargs: dict, out_dtype: torch.dty
     if kind is Kind.FLOAT and result.is_integer and not result.is_number:
         result = IntToFloat(result)
     return SymValue(result, kind)
+
+
+_SELECTS = {"aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther", "aten.where.Scalar"}
+
+
+def _as_float_value(arg):
+    if isinstance(arg, SymValue) and arg.kind is not Kind.FLOAT:
+        return SymValue(_float_operand(arg), Kind.FLOAT)
+    return arg
+
+
+def _keep_cancelled_operands(op: str, args, kwargs, result):
+    """sympy cancels x - x, x * 0 and x / x on construction, which is wrong for inf and NaN
+    (and 0 / 0): where an operand vanished from a float arithmetic step, keep the operation."""
+    operands = set().union(*(_v(a).number.free_symbols for a in args if isinstance(a, SymValue)))
+    if op in _ARITHMETIC_UNEVALUATED and operands - result.free_symbols:
+        return _ARITHMETIC_UNEVALUATED[op](*(_n(a) for a in args), **kwargs)
+    return result

@@ -25,7 +25,8 @@ class KernelListing:
     sources: dict[str, str] = field(default_factory=dict)  # "forward" / "backward" -> Triton source
 
 
-def _example(val: torch.Tensor) -> torch.Tensor:
+def example_tensor(val: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``val``'s dtype, sizes and strides, symbolic sizes at their example value."""
     def size(d):
         try:
             return int(concrete(d))
@@ -45,7 +46,7 @@ def _pointwise(node: fx.Node) -> KernelListing:
 
     inputs, spec = node.args[0], node.args[1]
     region = Region.from_spec(spec)
-    examples = [_example(_val(i)) for i in inputs]
+    examples = [example_tensor(_val(i)) for i in inputs]
     kernel = PointwiseKernel(region, examples, _val(inputs[0]).device)
     sources = {"forward": kernel.source}
     if any(dt.is_floating_point for dt in region.output_dtypes()):

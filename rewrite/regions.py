@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.graph import getitem, module_path, op_name
+from rewrite.kernel_listing import example_tensor as _example
 from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip
 
 REGION_KEY = "codegen_region"
@@ -53,45 +54,51 @@ def is_pointwise(node: fx.Node) -> bool:
 
 
 def grow_pointwise_region(seed: fx.Node) -> list[fx.Node]:
-    """The elementwise nodes reachable from ``seed`` through elementwise producers and users,
-    without creating a cycle (no path may leave the region and come back into it)."""
+    """The elementwise nodes reachable from ``seed`` through elementwise producers and users
+    that can become one op with it: none of them may reach another through a node outside
+    the region (fusing them would make a cycle)."""
     if not is_pointwise(seed):
         return []
+    return _grow(seed, is_pointwise)
+
+
+def _grow(seed: fx.Node, admissible) -> list[fx.Node]:
+    order = {n: k for k, n in enumerate(seed.graph.nodes)}
     region = {seed}
     frontier = [seed]
     while frontier:
         node = frontier.pop()
         for neighbour in list(node.all_input_nodes) + list(node.users):
-            if neighbour not in region and is_pointwise(neighbour):
-                region.add(neighbour)
-                frontier.append(neighbour)
-    return _convex(seed, region)
-
-
-def _convex(seed: fx.Node, candidates: set[fx.Node]) -> list[fx.Node]:
-    """Keep the candidates that can join ``seed`` in one op: walking the graph in order, a
-    node that depends on something outside the region which itself depends on the region
-    would close a cycle, so it stays out."""
-    order = list(seed.graph.nodes)
-    region: set[fx.Node] = set()
-    tainted: set[fx.Node] = set()  # outside the region, downstream of it
-    for node in order:
-        inputs = node.all_input_nodes
-        if node in candidates and not any(i in tainted for i in inputs):
-            if node is seed or any(i in region for i in inputs) or any(u in candidates for u in node.users):
-                region.add(node)
+            if neighbour in region or not admissible(neighbour) or _closes_cycle(region, neighbour, order):
                 continue
-        if any(i in region or i in tainted for i in inputs):
-            tainted.add(node)
-    # Keep only the part connected to the seed.
-    connected, frontier = {seed}, [seed]
-    while frontier:
-        node = frontier.pop()
-        for neighbour in list(node.all_input_nodes) + list(node.users):
-            if neighbour in region and neighbour not in connected:
-                connected.add(neighbour)
-                frontier.append(neighbour)
-    return [n for n in order if n in connected]
+            region.add(neighbour)
+            frontier.append(neighbour)
+    return sorted(region, key=order.__getitem__)
+
+
+def _closes_cycle(region: set[fx.Node], node: fx.Node, order: dict) -> bool:
+    """Whether adding ``node`` to the (cycle-free) ``region`` would let a path leave the
+    region and come back: from ``node`` through outside nodes to the region, or from the
+    region through outside nodes to ``node``."""
+    first, last = min(order[n] for n in region), max(order[n] for n in region)
+
+    def reaches_region(start: list[fx.Node], step, in_range) -> bool:
+        seen, stack = set(), [n for n in start if n not in region and n is not node]
+        while stack:
+            current = stack.pop()
+            if current in seen or not in_range(order[current]):
+                continue
+            seen.add(current)
+            for nxt in step(current):
+                if nxt in region:
+                    return True
+                if nxt is not node:
+                    stack.append(nxt)
+        return False
+
+    downstream = reaches_region(list(node.users), lambda n: n.users, lambda k: k < last)
+    upstream = reaches_region(list(node.all_input_nodes), lambda n: n.all_input_nodes, lambda k: k > first)
+    return downstream or upstream
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class CompileRegions(Pass):
             try:
                 sub, inputs, outputs = extract_region(nodes)
                 region = Region.from_graph(sub)
+                region.check_shapes([_example(i.meta["val"]) for i in inputs])
             except UnsupportedRegion as exc:
                 result.skipped.append(Skip(label, where, ops, f"{exc}; the region runs as it was"))
                 for node in nodes:
@@ -145,7 +153,7 @@ class CompileRegions(Pass):
             parts = []
             for node in nodes:
                 if node in candidates:
-                    part = _convex(node, candidates)
+                    part = _grow(node, candidates.__contains__)
                     candidates -= set(part)
                     parts.append(part)
             for k, part in enumerate(parts):

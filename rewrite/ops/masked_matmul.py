@@ -3,7 +3,8 @@ keeps (for backward passes that need a weight gradient only where the weight is 
 
     torch.ops.rewrite.masked_matmul(a, b, mask) -> out
 
-a is [M, K], b is [K, N], mask is [M, N] (bool or float; a float mask scales). On the kernel
+a is [M, K], b is [K, N], mask is [M, N] (bool or float; a float mask scales, and gets a
+gradient when it requires one). On the kernel
 path codegen's masked_matmul template multiplies tile by tile with ``tl.dot`` in IEEE float32
 and skips tiles whose mask is all zero.
 """
@@ -37,7 +38,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     a, b, mask = ctx.saved_tensors
     masked = grad * mask.to(grad.dtype)
-    return masked @ b.t(), a.t() @ masked, None
+    # A float mask scales the product, so it has a gradient too (a bool mask has none).
+    grad_mask = grad * (a @ b) if ctx.needs_input_grad[2] and mask.is_floating_point() else None
+    return masked @ b.t(), a.t() @ masked, grad_mask
 
 
 masked_matmul.register_autograd(_backward, setup_context=_setup_context)

@@ -58,6 +58,14 @@ def _row_kernels(rms: bool):
     return rms_norm_kernels() if rms else layer_norm_kernels()
 
 
+def _check_shape(op: str, x: torch.Tensor, normalized_shape) -> None:
+    if list(x.shape[x.dim() - len(normalized_shape):]) != list(normalized_shape) or len(normalized_shape) > x.dim():
+        raise ValueError(
+            f"{op}: normalized_shape {list(normalized_shape)} must be the trailing dimensions of the input, "
+            f"whose shape is {list(x.shape)}"
+        )
+
+
 def _uses_kernels(x: torch.Tensor, normalized_shape) -> bool:
     """codegen's row template computes in float32: float16/bfloat16/float32 inputs."""
     return kernels.wants_triton(x) and math.prod(normalized_shape) > 0
@@ -75,6 +83,7 @@ def ms_layer_norm(
     x: torch.Tensor, normalized_shape: list[int], eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm without affine parameters; returns the output and rstd for the backward."""
+    _check_shape("ms_layer_norm", x, normalized_shape)
     if _uses_kernels(x, normalized_shape):
         return _forward_kernel(x, normalized_shape, eps, out_dtype, rms=False)
     acc = _accumulation_dtype(x.dtype)
@@ -87,6 +96,7 @@ def ms_rms_norm(
     x: torch.Tensor, normalized_shape: list[int], eps: float | None = None, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm without a weight; returns the output and rstd for the backward."""
+    _check_shape("ms_rms_norm", x, normalized_shape)
     if _uses_kernels(x, normalized_shape):
         return _forward_kernel(x, normalized_shape, rms_eps(eps, x.dtype), out_dtype, rms=True)
     acc = _accumulation_dtype(x.dtype)
