@@ -34,47 +34,15 @@ def pointwise(inputs: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
     return region.run_reference(inputs)
 
 
-def reference_backward(region: Region, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients of the float inputs: the vector-Jacobian product of the reference.
-
-    ``torch.func.vjp`` rather than ``torch.autograd.grad``: an op's implementation runs below
-    the autograd dispatch keys, where autograd records nothing, while functorch's transforms
-    still apply."""
-    float_inputs = [k for k, x in enumerate(inputs) if x.is_floating_point()]
-
-    def float_outputs(*floats):
-        full = list(inputs)
-        for k, t in zip(float_inputs, floats):
-            full[k] = t
-        return tuple(o for o in region.run_reference(full) if o.is_floating_point())
-
-    _, vjp = torch.func.vjp(float_outputs, *(inputs[k] for k in float_inputs))
-    return fresh_outputs(vjp(tuple(grads)), inputs + grads)
-
-
-def fresh_outputs(outputs, inputs) -> list[torch.Tensor]:
-    """Contiguous outputs that share no memory with the inputs (an op may not return its
-    inputs: the gradient of ``x + y`` with respect to x is the incoming gradient itself)."""
-    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
-    fresh = []
-    for t in outputs:
-        t = t.contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in taken:
-            t = t.clone()
-        taken.add(t.untyped_storage().data_ptr())
-        fresh.append(t)
-    return fresh
-
-
 @triton_op("rewrite::pointwise_backward", mutates_args=())
 def pointwise_backward(inputs: list[torch.Tensor], grads: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
+    """Gradients of the region's float operands (its inputs after their views, in order),
+    each summed to the operand's shape."""
+    from codegen.pointwise import launch_backward, reference_backward
+
     region = _region(spec)
     if inputs and kernels_enabled(inputs[0]):
-        from codegen.pointwise import launch_backward
-
         return launch_backward(region, inputs, grads)
-    if any(torch._subclasses.fake_tensor.is_fake(x) for x in inputs):
-        return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in inputs if x.is_floating_point()]
     return reference_backward(region, inputs, grads)
 
 
@@ -82,22 +50,40 @@ def _setup_context(ctx, inputs, output):
     from codegen.pointwise import inputs_needed_by_backward
 
     tensors, spec = inputs
-    # On the kernel path, inputs the backward kernel does not read are kept as one element
-    # broadcast to their shape. The reference backward recomputes the whole region, so it
-    # keeps them all.
-    if tensors and kernels_enabled(tensors[0]):
-        needed = inputs_needed_by_backward(_region(spec))
-        tensors = [t if keep else t.new_ones(()).expand(t.shape) for t, keep in zip(tensors, needed)]
-    ctx.save_for_backward(*tensors)
+    # Inputs the backward does not read are not kept: the backward gets a one-element
+    # stand-in broadcast to their shape (its views still need the shape).
+    needed = inputs_needed_by_backward(_region(spec))
+    ctx.save_for_backward(*(t for t, keep in zip(tensors, needed) if keep))
+    ctx.stand_ins = [None if keep else (t.shape, t.dtype, t.device) for t, keep in zip(tensors, needed)]
     ctx.spec = spec
     ctx.float_outputs = [o.is_floating_point() for o in output]
 
 
 def _backward(ctx, grads):
-    inputs = list(ctx.saved_tensors)
+    from codegen.pointwise import differentiable_operands
+
+    saved = iter(ctx.saved_tensors)
+    inputs = [
+        next(saved) if stand_in is None else torch.ones((), dtype=stand_in[1], device=stand_in[2]).expand(stand_in[0])
+        for stand_in in ctx.stand_ins
+    ]
+    region = _region(ctx.spec)
     grads = [g for g, is_float in zip(grads, ctx.float_outputs) if is_float]
-    float_grads = iter(torch.ops.rewrite.pointwise_backward(inputs, grads, ctx.spec))
-    return [next(float_grads) if x.is_floating_point() else None for x in inputs], None
+    operand_grads = torch.ops.rewrite.pointwise_backward(inputs, grads, ctx.spec)
+    # The op gives gradients with respect to the operands (the inputs after their views);
+    # autograd through the views carries them back to the inputs.
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+        operands, _ = region.apply_views(leaves)
+        float_operands = [operands[k] for k in differentiable_operands(region)]
+        float_leaves = [x for x in leaves if x.is_floating_point()]
+        pairs = [(o, g) for o, g in zip(float_operands, operand_grads) if o.requires_grad]
+        if pairs:
+            found = torch.autograd.grad([o for o, _ in pairs], float_leaves, [g for _, g in pairs], allow_unused=True)
+        else:
+            found = [None] * len(float_leaves)
+    found = iter(found)
+    return [next(found) if x.is_floating_point() else None for x in inputs], None
 
 
 pointwise.register_autograd(_backward, setup_context=_setup_context)

@@ -461,44 +461,53 @@ def launch_forward(region: Region, inputs: list[torch.Tensor]) -> list[torch.Ten
 
 
 def launch_backward(region: Region, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients of the region's float inputs (in input order) given those of its float outputs."""
+    """Gradients of the region's float operands (its inputs after their views), each summed
+    to the operand's shape, given those of its float outputs."""
     check_inputs(region, inputs)
     _check_launchable(region, inputs)
-    float_inputs = [k for k, x in enumerate(inputs) if x.is_floating_point()]
-    operand_index = differentiable_operands(region)
-
-    def float_operands_of(*floats):
-        full = list(inputs)
-        for k, t in zip(float_inputs, floats):
-            full[k] = t
-        operands, _ = region.apply_views(full)
-        return tuple(operands[k] for k in operand_index)
-
-    # The kernel gives gradients with respect to the operands (the inputs after their views);
-    # the vjp of the views carries them back to the inputs. torch.func, not torch.autograd:
-    # this runs inside an op, below the autograd dispatch keys.
-    float_operands, views_vjp = torch.func.vjp(float_operands_of, *(inputs[k] for k in float_inputs))
     operands, _ = region.apply_views(inputs)
     shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+    float_operands = [operands[k] for k in differentiable_operands(region)]
     reduced = tuple(tuple(o.shape) != shape or not o.is_contiguous() for o in float_operands)
     device = operands[0].device
     n = math.prod(shape)
-    dtypes = backward_dtypes(region, reduced)
-    grad_operands = [torch.empty(shape, dtype=dt, device=device) for dt in dtypes]
+    grad_operands = [torch.empty(shape, dtype=dt, device=device) for dt in backward_dtypes(region, reduced)]
     if n:
         kernel_operands = list(operands) + list(grads)
         signature, index_args = plan(kernel_operands, shape, _autotune(device))
         source = backward_source(region, signature, reduced)
         _run(source, signature, "pointwise_backward", kernel_operands, grad_operands, n, index_args)
-    sized = [
-        g.sum_to_size(o.shape).to(o.dtype) if needs_sum else g
+    return [
+        g.sum_to_size(o.shape).to(o.dtype).contiguous() if needs_sum else g
         for o, g, needs_sum in zip(float_operands, grad_operands, reduced)
     ]
-    if not float_inputs:
-        return []
-    from codegen.ops import fresh_outputs
 
-    return fresh_outputs(views_vjp(tuple(sized)), list(inputs) + list(grads))
+
+def reference_backward(region: Region, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the backward kernel computes, evaluated with PyTorch ops (same assignments, same
+    compute type, same inputs read): the path without kernels, traceable by compile."""
+    from codegen.evaluate import evaluate
+
+    operands, _ = region.apply_views(inputs)
+    shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+    compute = compute_dtype(region)
+    program, backward = region.program(), backward_program(region)
+    env = {}
+    for symbol, operand in zip(program.operands, operands):
+        env[symbol] = operand.to(compute) if operand.is_floating_point() else operand
+    for symbol, grad in zip(backward.grads, grads):
+        env[symbol] = grad.to(compute)
+    for symbol, expr in backward.forward + backward.adjoints:
+        (env[symbol],) = evaluate([expr], env, compute)
+    results = evaluate(list(backward.operand_grads), env, compute)
+    float_operands = [operands[k] for k in differentiable_operands(region)]
+    out = []
+    for operand, value in zip(float_operands, results):
+        full = torch.as_tensor(value, dtype=compute, device=operand.device).expand(shape)
+        # A copy always: the value may be an incoming gradient itself, and an op must not
+        # return its inputs (compilers assume it does not).
+        out.append(full.sum_to_size(operand.shape).to(operand.dtype).clone(memory_format=torch.contiguous_format))
+    return out
 
 
 # ---- the public entry point -------------------------------------------------------------------

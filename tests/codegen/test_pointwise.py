@@ -216,8 +216,9 @@ def test_reference_path_equals_eager_exactly(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_reference_path_backward_equals_eager_exactly(case):
-    # the reference backward is autograd through the same ATen ops as eager: bit for bit
+def test_reference_path_backward_matches_eager(case):
+    # without kernels the backward evaluates the backward kernel's expressions with PyTorch
+    # ops: equal to eager autograd up to float32 rounding
     kernel = build(case, torch.float32)
     inputs = leaves(case.make(torch.float32, *FRESH_DIMS))
     floats = [t for t in inputs if t.is_floating_point()]
@@ -227,8 +228,10 @@ def test_reference_path_backward_equals_eager_exactly(case):
     eager = torch.autograd.grad(as_tuple(case.fn(*inputs)), floats, grad_outs)
     for k, (g, e) in enumerate(zip(grads, eager)):
         assert g.shape == e.shape and g.dtype == e.dtype
-        same = torch.equal(g, e)
-        assert same, f"gradient {k}: relative error {rel_error(g, e):.3g}"
+        assert torch.isfinite(g).all() or not torch.isfinite(e).all()
+        # eager rounds the gradient to float16 at the backward of .half(); the kernel's math does not
+        tolerance = 2e-3 if case.gradient_through_float16 else 1e-5
+        assert rel_error(g, e) < tolerance, f"gradient {k}: relative error {rel_error(g, e):.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

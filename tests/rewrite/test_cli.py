@@ -562,3 +562,86 @@ def test_python_m_rewrite_exits_2_with_one_error_line(files, tmp_path):
     _assert_one_error_line(proc, "missing.pt2")
     assert _listing(tmp_path) == ["mlp.pt2"]
     assert _sha256(source) == digest
+
+
+# -- inspect --kernels -------------------------------------------------------------------------
+
+
+def _example_pass(script: str, class_name: str):
+    """A pass defined by one of the examples, without leaving it registered by name."""
+    import importlib.util
+
+    from rewrite import pass_infra
+
+    registered = dict(pass_infra._registered)
+    spec = importlib.util.spec_from_file_location(f"example_{Path(script).stem}", Path(__file__).parents[2] / "examples" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pass_infra._registered.clear()
+    pass_infra._registered.update(registered)
+    return module, getattr(module, class_name)()
+
+
+@pytest.fixture(scope="module")
+def pointwise_pt2(tmp_path_factory):
+    """A saved model whose bias + GELU + scale + residual chain is one rewrite.pointwise op."""
+    from rewrite import optimize, save
+
+    torch.manual_seed(0)
+    module, fuse = _example_pass("fuse_pointwise.py", "FusePointwise")
+    model = module.Block(dim=16)
+    rewritten = optimize(model, [fuse], (torch.randn(4, 16),), codegen=True)
+    assert "rewrite.pointwise" in _op_names(rewritten)
+    return save(rewritten, tmp_path_factory.mktemp("pointwise") / "pointwise.pt2")
+
+
+def _assert_kernels_printed(path: Path, out: str) -> None:
+    """Every rewrite op of the file is listed: its region, as comment lines, and the whole
+    source of each of its kernels, which is Triton Python."""
+    from rewrite.kernel_listing import kernel_listings
+
+    program, _ = load_program(path)
+    listings = kernel_listings(program.graph)
+    assert listings
+    for listing in listings:
+        assert f"# {listing.op} at node {listing.node}" in out
+        for line in listing.region.splitlines():
+            assert f"# {line}" in out, line
+        for kind, source in listing.sources.items():
+            assert f"# ---- {kind} kernel ----\n{source}" in out, (listing.node, kind)
+            assert "@triton.jit" in source
+            compile(source, f"{listing.node}_{kind}", "exec")
+    assert out.count("@triton.jit") == sum(len(k.sources) for k in listings)
+
+
+def test_inspect_kernels_prints_the_approx_bp_kernels(pt2_run, capsys):
+    path = pt2_run["folder"] / "out.pt2"
+    assert main(["inspect", str(path), "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "rewrite ops: rewrite.ms_layer_norm x2, rewrite.regelu2 x2" in out  # the summary is still there
+    assert out.count("# rewrite.regelu2 at node") == 2 and out.count("# rewrite.ms_layer_norm at node") == 2
+    assert "def packed2_forward(" in out and "def packed2_backward(" in out
+    assert "def ms_layer_norm_forward(" in out and "def ms_layer_norm_backward(" in out
+    _assert_kernels_printed(path, out)
+
+
+def test_inspect_kernels_prints_the_pointwise_region_and_its_kernels(pointwise_pt2, capsys):
+    assert main(["inspect", str(pointwise_pt2), "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# rewrite.pointwise at node") == 1
+    assert "aten.gelu.default(" in out and "aten.mul.Tensor(" in out
+    assert "def pointwise_forward(" in out and "def pointwise_backward(" in out
+    _assert_kernels_printed(pointwise_pt2, out)
+
+
+def test_inspect_kernels_of_a_program_without_rewrite_ops(files, capsys):
+    assert main(["inspect", str(files["folder"] / "mlp.pt2"), "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "no rewrite ops with emitted kernels" in out and "@triton.jit" not in out
+
+
+@pytest.mark.parametrize("name", ["mlp.safetensors", "mlp.pt"])
+def test_inspect_kernels_of_a_state_dict_is_refused(files, tmp_path, capsys, name):
+    source = _copy(files, name, tmp_path)
+    _assert_refused(capsys, ["inspect", source, "--kernels"], tmp_path, mentions=[source, "--kernels", ".pt2"],
+                    untouched=[source])

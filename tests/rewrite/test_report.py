@@ -446,3 +446,62 @@ def test_report_renders_in_chromium(vit_rewrite, tmp_path):
     assert '<table class="diff">' in dom and '<table class="list">' in dom
     assert "What changed (6)" in dom
     assert re.search(r'<td class="(ins|rep-r)">[^<]*rewrite\.regelu2', dom)
+
+
+# -- emitted kernels in the HTML page --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_rewrite():
+    """examples/fuse_pointwise.py's Block through fuse_pointwise, approx_bp and codegen: the
+    GELU in the middle of the marked region becomes rewrite.regelu2, the scale and residual
+    add after it become one rewrite.pointwise."""
+    import importlib.util
+
+    from rewrite import pass_infra
+
+    registered = dict(pass_infra._registered)
+    spec = importlib.util.spec_from_file_location("example_fuse_pointwise", Path(__file__).parents[2] / "examples" / "fuse_pointwise.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        torch.manual_seed(0)
+        model = module.Block(dim=16)
+        return optimize(model, ["fuse_pointwise", "approx_bp"], (torch.randn(4, 16),), codegen=True)
+    finally:
+        pass_infra._registered.clear()
+        pass_infra._registered.update(registered)
+
+
+def _kernels_element(page: str, pass_name: str) -> str:
+    """From the pass's "Emitted kernels" heading to the next heading of the section (the
+    graph diff) or its end."""
+    start = page.index(f"<h3 id='{pass_name}-kernels'>")
+    end = page.index("</section>", start)
+    graphs = page.find(f"<h3 id='{pass_name}-graphs'>", start, end)
+    return page[start : graphs if graphs != -1 else end]
+
+
+def test_html_lists_the_kernels_of_the_pointwise_ops_codegen_added(fused_rewrite):
+    page = render_html(fused_rewrite.report)
+    assert page.count("id='codegen-kernels'") == 1
+    section = _kernels_element(page, "codegen")
+    listings = [k for k in fused_rewrite.kernels() if k.op == "rewrite.pointwise"]
+    assert len(listings) == 1 and set(listings[0].sources) == {"forward", "backward"}
+    for source in listings[0].sources.values():
+        assert html.escape(source) in section
+        assert "<" in source and source not in section  # shown as text, not as markup
+    assert html.escape(listings[0].region) in section
+    assert "rewrite.regelu2" not in section  # codegen lists only the ops it added
+
+
+def test_html_approx_bp_section_lists_the_regelu2_kernels(fused_rewrite):
+    page = render_html(fused_rewrite.report)
+    section = _kernels_element(page, "approx_bp")
+    listings = [k for k in fused_rewrite.kernels() if k.op == "rewrite.regelu2"]
+    assert len(listings) == 1
+    assert "<code>rewrite.regelu2</code>" in section
+    for source in listings[0].sources.values():
+        assert html.escape(source) in section
+    assert "def packed2_forward(" in section and "def packed2_backward(" in section
+    assert "rewrite.pointwise" not in section
