@@ -34,7 +34,7 @@ def evaluate(exprs, env: dict, compute: torch.dtype) -> list:
 
 
 def _number(e):
-    if e is sympy.nan:
+    if e is sympy.nan or e is sympy.zoo or e.is_extended_real is False:
         return float("nan")
     if e in (sympy.oo, -sympy.oo):
         return float("inf") if e is sympy.oo else float("-inf")
@@ -74,6 +74,7 @@ _BINARY = {
     "TruncDiv": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
     "PyMod": torch.remainder,
     "CFmod": torch.fmod,
+    "PowT": lambda b, e: torch.pow(b, e),
     "RawAdd": operator.add,
     "RawMul": operator.mul,
     "RawDiv": operator.truediv,

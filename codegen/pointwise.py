@@ -215,7 +215,7 @@ def emit_kernel(
     body = []
     block_valued = {s for s, lay in zip(operand_symbols, signature.layouts) if lay.kind != "scalar"}
     used = set()
-    for k, (symbol, expr) in enumerate(assignments):
+    for symbol, expr in assignments:
         lines, (text,), replacements, _ = print_expressions(printer, [expr], prefix=f"{symbol.name}_")
         body += lines + [f"{symbol.name} = {text}"]
         used |= expr.free_symbols

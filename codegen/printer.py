@@ -55,7 +55,8 @@ def _round_half_even(x):
     f = tl.floor(x)
     d = x - f
     f_is_even = (f - 2.0 * tl.floor(f * 0.5)) == 0
-    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(f_is_even, f, f + 1.0)))
+    r = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(f_is_even, f, f + 1.0)))
+    return tl.where(r == 0, x * 0.0, r)  # -0.3 rounds to -0.0, as torch.round
 ''',
     "_floordiv_int": '''
 @triton.jit
@@ -158,7 +159,7 @@ class TritonPrinter:
         return name
 
     def number(self, expr, as_float: bool = False) -> str:
-        if expr is sympy.nan:
+        if expr is sympy.nan or expr is sympy.zoo or expr.is_extended_real is False:
             return self.float_literal(math.nan)
         if expr in (sympy.oo, -sympy.oo):
             return self.float_literal(math.inf if expr is sympy.oo else -math.inf)
@@ -251,6 +252,16 @@ class TritonPrinter:
                 return f"tl.exp({self.print(exp)} * {self.float_literal(float(sympy.log(base)))})"
         self.helpers.add("_pow")
         return f"_pow({self._as_float(base)}, {self._as_tensor(exp)})"
+
+    def _print_PowT(self, expr):
+        base, exp = expr.args
+        if expr.is_integer:
+            self.helpers.add("_ipow")
+            return f"_ipow({self._int_operand(base)}, {self._int_operand(exp)})"
+        if base.is_number and base > 0:
+            return f"tl.exp({self._as_float(exp)} * {self.float_literal(float(sympy.log(base)))})"
+        self.helpers.add("_pow")
+        return f"_pow({self._as_tensor(base)}, {self._as_tensor(exp)})"
 
     def _integer_power(self, base, n: int) -> str:
         """base ** n by repeated squaring, binding the base so it is computed once."""

@@ -137,14 +137,11 @@ class Program:
     steps: tuple[tuple[sympy.Symbol, SymValue], ...]
     outputs: tuple[SymValue, ...]
 
-    def kind_of(self, symbol: sympy.Symbol) -> Kind | None:
-        for s, value in self.steps:
-            if s == symbol:
-                return value.kind
-        if symbol in self.operands:
-            return Kind.BOOL if not (symbol.is_real or symbol.is_integer) else (
-                Kind.INT if symbol.is_integer else Kind.FLOAT)  # fmt: skip
-        return None
+    def kind_of(self, symbol: sympy.Symbol) -> Kind:
+        """The kind a symbol was made with (``_symbol``): integer, real, or neither (bool)."""
+        if symbol.is_integer:
+            return Kind.INT
+        return Kind.FLOAT if symbol.is_real else Kind.BOOL
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,24 @@ class PyMod(sympy.Function):
         return sympy.Integer(1) if argindex == 1 else -FloorDivF(a, b)
 
 
+class PowT(sympy.Function):
+    """``base ** exponent`` with a tensor exponent. Its derivatives carry autograd's masks:
+    d/dbase is 0 where the exponent is 0 and d/dexponent is 0 where the base is 0 and the
+    exponent is not negative (sympy's e * b**e / b and b**e * log(b) are NaN there)."""
+
+    def _eval_is_integer(self):
+        return self.args[0].is_integer and self.args[1].is_integer
+
+    def _eval_is_real(self):
+        return True
+
+    def fdiff(self, argindex=1):
+        b, e = self.args
+        if argindex == 1:
+            return sympy.Piecewise((0, sympy.Eq(e, 0)), (e * PowT(b, e - 1), True))
+        return sympy.Piecewise((0, sympy.And(sympy.Eq(b, 0), e >= 0)), (PowT(b, e) * sympy.log(b), True))
+
+
 class CFmod(sympy.Function):
     """C fmod: the result has the sign of the dividend (``torch.fmod``)."""
 
@@ -303,6 +321,8 @@ def _bitwise(fn):
 def _pow(base, exponent):
     e = _v(exponent)
     b = _v(base)
+    if not e.expr.is_number:
+        return PowT(_float_operand(b) if e.kind is Kind.FLOAT else b.number, e.number)
     if e.kind is Kind.FLOAT and e.expr.is_number and not e.expr.is_integer:
         return _float_operand(b) ** e.expr
     if b.kind is not Kind.FLOAT and e.kind is not Kind.FLOAT and e.expr.is_number and e.expr < 0:

@@ -161,9 +161,8 @@ class CompileRegions(Pass):
                 if len(part) < 2:
                     for n in part:
                         n.meta.pop(REGION_KEY, None)
-                    result.skipped.append(
-                        Skip(name, module_path(part[0]), op_name(part[0]), "one op left of the region after later passes; nothing to fuse")
-                    )
+                    reason = "one op left of the region after later passes; nothing to fuse"
+                    result.skipped.append(Skip(name, module_path(part[0]), op_name(part[0]), reason))
                 else:
                     pieces.append((name, part))
         return pieces

@@ -15,7 +15,10 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # 
 REGIONS = {
     "bias_gelu_residual": (lambda x, b, r: F.gelu(x + b) + r, lambda n: [(n // 64, 64), (64,), (n // 64, 64)]),
     "poly2": (lambda x: 0.125 * x * x + 0.5 * x + 0.25, lambda n: [(n,)]),
-    "where_tanh_sigmoid": (lambda x, y: torch.where(x > y, torch.tanh(x), torch.sigmoid(y) * y), lambda n: [(n,), (n,)]),
+    "where_tanh_sigmoid": (
+        lambda x, y: torch.where(x > y, torch.tanh(x), torch.sigmoid(y) * y),
+        lambda n: [(n,), (n,)],
+    ),
     "transposed": (lambda x, y: x * y.t() + 1.5, lambda n: [(64, n // 64), (n // 64, 64)]),
 }
 
@@ -66,7 +69,10 @@ def test_norm_row_kernels(op, dtype):
     fn = getattr(torch.ops.rewrite, op)
     y, rstd = fn(x, [4096], 1e-5)
     xd = x.detach().double().requires_grad_()
-    ref = F.layer_norm(xd, [4096], eps=1e-5) if op == "ms_layer_norm" else xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    if op == "ms_layer_norm":
+        ref = F.layer_norm(xd, [4096], eps=1e-5)
+    else:
+        ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
     assert _rel(y, ref) < TOLERANCE[dtype]
     g = torch.randn_like(ref)
     (gx,) = torch.autograd.grad(y, x, g.to(y.dtype))

@@ -464,3 +464,28 @@ def test_export_keeps_the_pointwise_op():
     assert torch.ops.rewrite.pointwise.default in targets
     fresh = torch.randn(4, 8)
     assert torch.equal(ep.module()(fresh), _block_fn(fresh))
+
+
+@interpreted
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_pow_with_a_tensor_exponent_has_autograds_gradient_at_zero(use_kernels):
+    # sympy's e * x**e / x and x**e * log(x) are NaN at x = 0; autograd masks them to 0
+    x = torch.tensor([0.0, 0.0, 2.0], requires_grad=True)
+    e = torch.tensor([2.0, 0.0, 3.0], requires_grad=True)
+    kernel = codegen.pointwise(lambda x, e: x**e, x.detach(), e.detach())
+    with codegen.use_triton_on_cpu(use_kernels):
+        grads = torch.autograd.grad(kernel(x, e).sum(), (x, e))
+    expected = torch.autograd.grad((x**e).sum(), (x, e))
+    for got, want in zip(grads, expected):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+@interpreted
+def test_round_keeps_the_sign_of_zero():
+    x = torch.tensor([-0.5, -0.3, -2.5, 0.5, 1.5])
+    kernel = codegen.pointwise(torch.round, x)
+    with codegen.use_triton_on_cpu():
+        out = kernel(x)
+    assert torch.equal(out, torch.round(x))
+    assert torch.equal(torch.signbit(out), torch.signbit(torch.round(x)))
