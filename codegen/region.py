@@ -226,7 +226,8 @@ class Region:
     # ---- checks ---------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Views only on inputs; outputs are computed values, all of one (broadcast) shape."""
+        """Views only on inputs; outputs are values the region computes; every op has an
+        expression (shapes are checked by ``check_shapes``, given inputs)."""
         n_inputs = len(self.input_dtypes)
         is_view_of_input = [True] * n_inputs
         for step in self.steps:
@@ -247,6 +248,7 @@ class Region:
                     "writes values it computes"
                 )
         self.value_dtypes()  # runs the program on meta tensors: catches ops with bad arguments
+        self.program()  # every op as an expression, or UnsupportedRegion naming the node
 
     def value_name(self, index: int) -> str:
         n_inputs = len(self.input_dtypes)

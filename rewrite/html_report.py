@@ -48,7 +48,9 @@ tr.fold td { color: #8a93a6; background: #fafbfc; font-style: italic; }
 details.kernel { border: 1px solid #dde1e8; border-radius: 6px; margin: 8px 0; }
 details.kernel summary { cursor: pointer; padding: 6px 10px; background: #f0f2f6; }
 .kernel-body { display: grid; grid-template-columns: minmax(260px, 1fr) 2fr; gap: 12px; padding: 8px 10px; }
+.kernel-body > div { min-width: 0; }
 .kernel-body pre { margin: 0; padding: 8px; background: #fafbfc; border: 1px solid #eceef2; border-radius: 4px; overflow-x: auto; white-space: pre; }
+.kernel-body pre.region { white-space: pre-wrap; overflow-wrap: anywhere; }
 .kernel-body h4 { margin: 6px 0 4px; font-size: 13px; }
 """
 
@@ -222,7 +224,8 @@ def _kernels_section(p: PassReport) -> str:
         items.append(
             f"<details class='kernel'{' open' if k == 0 else ''}><summary><code>{_e(listing.op)}</code> at "
             f"<code>{_e(listing.node)}</code> · {len(listing.sources)} kernel(s)</summary>"
-            f"<div class='kernel-body'><div><h4>region</h4><pre>{_e(listing.region)}</pre></div><div>{sources}</div></div>"
+            f"<div class='kernel-body'><div><h4>region</h4><pre class='region'>{_e(listing.region)}</pre></div>"
+            f"<div>{sources}</div></div>"
             "</details>"
         )
     return (
