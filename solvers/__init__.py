@@ -1,2 +1,8 @@
-"""Optimisation models with no torch in their interface (networkx graphs in, schedules out),
-used by the passes that must choose under a budget. Empty until the first such pass lands."""
+"""Optimisation models with no torch in their interface (networkx graphs in, schedules out).
+
+- ``schedule``: the problem (a DiGraph with ``mem`` and ``cost`` per node, a topological
+  order, a budget), schedules as retention intervals, their memory profile, validation, and
+  a generator of random layered graphs like the RL benchmarks.
+- ``moccasin``: rematerialization under a memory budget with OR-Tools CP-SAT in the Moccasin
+  formulation (C retention intervals per node, one cumulative constraint).
+"""

@@ -1,0 +1,213 @@
+"""The Moccasin CP-SAT solver: valid schedules, optimal on tiny graphs (against brute force),
+clear answers for infeasible budgets, bad problems and time limits."""
+
+import random
+
+import networkx as nx
+import pytest
+
+from solvers import moccasin
+from solvers.schedule import (
+    ScheduleError,
+    memory_profile,
+    no_remat_intervals,
+    peak_memory,
+    random_layered_graph,
+    recompute_cost,
+    validate,
+)
+
+
+def training_chain(k: int):
+    """A forward chain f0..f(k-1) and its backward b(k-1)..b0, b_i reading f_i and b_(i+1):
+    the classic case where checkpointing trades memory for recomputation."""
+    graph, order = nx.DiGraph(), []
+    for i in range(k):
+        graph.add_node(f"f{i}", mem=1, cost=1)
+        order.append(f"f{i}")
+        if i:
+            graph.add_edge(f"f{i - 1}", f"f{i}")
+    for i in reversed(range(k)):
+        graph.add_node(f"b{i}", mem=1, cost=1)
+        order.append(f"b{i}")
+        graph.add_edge(f"f{i}", f"b{i}")
+        graph.add_edge(f"b{i + 1}" if i < k - 1 else f"f{k - 1}", f"b{i}")
+    return graph, order
+
+
+def tiny_graph(seed: int, n: int = 5):
+    rng = random.Random(seed)
+    graph = nx.DiGraph()
+    for v in range(n):
+        graph.add_node(v, mem=rng.randint(1, 3), cost=rng.randint(1, 5))
+        for u in range(v):
+            if rng.random() < 0.45:
+                graph.add_edge(u, v)
+    return graph, list(range(n))
+
+
+def brute_force(graph, order, budget, copies=2):
+    """(cheapest cost within budget or None, smallest peak of any valid schedule), by
+    enumerating every schedule the formulation allows, node by node in order."""
+    position = {v: t for t, v in enumerate(order)}
+    last = len(order) - 1
+    options = {}
+    for v in order:
+        p = position[v]
+        last_use = max((position[u] for u in graph.successors(v)), default=p)
+        choices = []
+        for e1 in range(p, last + 1):
+            choices.append([(p, e1)])
+            if copies > 1 and graph.out_degree(v):
+                for s2 in range(e1 + 2, last_use + 1):
+                    for e2 in range(s2, last + 1):
+                        choices.append([(p, e1), (s2, e2)])
+        options[v] = choices
+    best = [None, None]
+
+    def alive(chosen, u, t):
+        return any(s <= t <= e for s, e in chosen[u])
+
+    def search(k, chosen):
+        if k == len(order):
+            peak = max(memory_profile(graph, order, chosen))
+            cost = recompute_cost(graph, chosen)
+            if best[1] is None or peak < best[1]:
+                best[1] = peak
+            if peak <= budget and (best[0] is None or cost < best[0]):
+                best[0] = cost
+            return
+        v = order[k]
+        for spans in options[v]:
+            if all(alive(chosen, u, s) for s, _ in spans for u in graph.predecessors(v)):
+                chosen[v] = spans
+                search(k + 1, chosen)
+                del chosen[v]
+
+    # Users come after v, so a choice for v is complete once every node is chosen; parents
+    # are chosen before v, so precedence is checked as soon as v is.
+    search(0, {})
+    return best[0], best[1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_optimal_on_tiny_graphs_equals_brute_force(seed):
+    graph, order = tiny_graph(seed)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    lowest = moccasin.lower_bound_budget(graph, order)
+    for budget in range(lowest - 1, base + 1):
+        cost, smallest_peak = brute_force(graph, order, budget)
+        result = moccasin.solve(graph, order, budget, time_limit=10, workers=2)
+        if cost is None:
+            assert result.status == "infeasible", (budget, result)
+            assert result.smallest_feasible_budget == smallest_peak
+        else:
+            assert result.status == "optimal", (budget, result)
+            assert result.objective == pytest.approx(cost)
+            validate(graph, order, result.intervals, budget)
+            assert recompute_cost(graph, result.intervals) == pytest.approx(cost)
+            assert result.peak == peak_memory(graph, order, result.intervals) <= budget
+
+
+def test_training_chain_trades_memory_for_recomputation():
+    graph, order = training_chain(8)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    costs = []
+    for budget in range(base, base - 4, -1):
+        result = moccasin.solve(graph, order, budget, time_limit=10, workers=2, intervals_per_node=3)
+        assert result.status == "optimal"
+        validate(graph, order, result.intervals, budget)
+        costs.append(result.objective)
+        assert len(result.recomputations) == result.objective  # unit costs: one per recomputation
+    assert costs[0] == 0 and costs == sorted(costs) and costs[-1] > 0
+
+
+def test_plain_schedule_is_returned_when_it_fits():
+    graph, order = training_chain(5)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    result = moccasin.solve(graph, order, base, time_limit=5, workers=1)
+    assert result.status == "optimal" and result.objective == 0 and result.recomputations == []
+
+
+def test_infeasible_budget_reports_the_smallest_feasible_one():
+    graph, order = training_chain(6)
+    lowest = moccasin.lower_bound_budget(graph, order)
+    result = moccasin.solve(graph, order, lowest - 1, time_limit=10, workers=2)
+    assert result.status == "infeasible" and not result.has_schedule
+    smallest = result.smallest_feasible_budget
+    assert smallest is not None and smallest >= lowest
+    at_smallest = moccasin.solve(graph, order, smallest, time_limit=10, workers=2)
+    assert at_smallest.has_schedule
+    validate(graph, order, at_smallest.intervals, smallest)
+
+
+def test_keep_nodes_stay_to_the_end():
+    graph, order = training_chain(5)
+    keep = {"f4"}
+    base = peak_memory(graph, order, no_remat_intervals(graph, order, keep))
+    result = moccasin.solve(graph, order, base - 1, time_limit=10, workers=2, keep=keep)
+    assert result.has_schedule
+    validate(graph, order, result.intervals, base - 1, keep=keep)
+    assert result.intervals["f4"][0][1] == len(order) - 1
+
+
+def test_schedules_on_random_layered_graphs_are_valid():
+    graph, order = random_layered_graph(60, seed=3, width=5, fan_in=3, skip=0.3)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    for fraction in (0.9, 0.8):
+        budget = int(base * fraction)
+        result = moccasin.solve(graph, order, budget, time_limit=20, workers=2)
+        if result.has_schedule:
+            validate(graph, order, result.intervals, budget)
+            assert result.bound <= result.objective + 1e-9
+        else:
+            assert result.status == "infeasible" and result.smallest_feasible_budget > budget
+
+
+def test_time_limit_gives_a_valid_schedule_or_says_none_was_found():
+    graph, order = random_layered_graph(300, seed=5, width=10, fan_in=4, skip=0.3)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    budget = int(base * 0.85)
+    result = moccasin.solve(graph, order, budget, time_limit=0.5, workers=1, find_smallest_budget=False)
+    assert result.status in ("optimal", "feasible", "unknown", "infeasible")
+    if result.has_schedule:
+        validate(graph, order, result.intervals, budget)
+
+
+def test_validate_names_what_is_wrong():
+    graph, order = training_chain(3)
+    good = no_remat_intervals(graph, order)
+    validate(graph, order, good)
+    broken = dict(good, f0=[(0, 0)])  # f0 dropped before f1 and b0 read it
+    with pytest.raises(ScheduleError, match="needs 'f0'"):
+        validate(graph, order, broken)
+    with pytest.raises(ScheduleError, match="exceeds the budget"):
+        validate(graph, order, good, budget=1)
+    with pytest.raises(ScheduleError, match="first interval must start"):
+        validate(graph, order, dict(good, f1=[(2, 5)]))
+
+
+def test_bad_problems_are_refused():
+    graph, order = training_chain(3)
+    with pytest.raises(ScheduleError, match="not topological"):
+        moccasin.solve(graph, list(reversed(order)), 10)
+    with pytest.raises(ScheduleError, match="every node"):
+        moccasin.solve(graph, order[:-1], 10)
+    graph.nodes["f0"].pop("mem")
+    with pytest.raises(ScheduleError, match="'mem'"):
+        moccasin.solve(graph, order, 10)
+
+
+def test_greedy_start_is_valid_when_it_finds_a_schedule():
+    found = 0
+    for seed in range(8):
+        graph, order = random_layered_graph(120, seed=seed, width=6, fan_in=3, skip=0.3)
+        base = peak_memory(graph, order, no_remat_intervals(graph, order))
+        for fraction in (0.95, 0.9, 0.85):
+            budget = int(base * fraction)
+            intervals = moccasin.greedy_schedule(graph, order, budget)
+            if intervals is not None:
+                found += 1
+                validate(graph, order, intervals, budget)
+                assert all(len(spans) <= 2 for spans in intervals.values())
+    assert found >= 4  # the start is useful on these graphs, not only correct when it gives up
