@@ -5,4 +5,6 @@
   a generator of random layered graphs like the RL benchmarks.
 - ``moccasin``: rematerialization under a memory budget with OR-Tools CP-SAT in the Moccasin
   formulation (C retention intervals per node, one cumulative constraint).
+- ``checkmate``: the Checkmate MILP baseline (O(n^2) booleans, frontier-advancing stages) on
+  the same input, with OR-Tools' MILP interface.
 """
