@@ -146,6 +146,17 @@ class _Model:
         return found
 
 
+class _Progress(cp_model.CpSolverSolutionCallback):
+    """Records (seconds since the solve started, objective) for every improving solution."""
+
+    def __init__(self, started: float, scale: float):
+        super().__init__()
+        self.started, self.scale, self.trace = started, scale, []
+
+    def on_solution_callback(self):
+        self.trace.append((time.perf_counter() - self.started, self.ObjectiveValue() / self.scale))
+
+
 def _solver(time_limit: float, workers: int, seed: int) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.01, time_limit)
@@ -204,7 +215,9 @@ def solve(
         feasible = _Model(graph, order, budget, intervals_per_node, keep)
         feasible.model.ClearObjective()
         feasible.hint(baseline)  # over budget, but a start close to schedules that fit
-        solver = _solver(time_limit / 2, workers, seed)
+        # Most of the time goes to finding a first schedule: without one there is nothing to
+        # improve; once found, the rest improves it.
+        solver = _solver(time_limit * 0.8, workers, seed)
         status = solver.Solve(feasible.model)
     else:
         status = cp_model.FEASIBLE
@@ -223,7 +236,8 @@ def solve(
     cheapest.hint(first)
     left = time_limit - (time.perf_counter() - started)
     solver = _solver(left, workers, seed)
-    status = solver.Solve(cheapest.model)
+    progress = _Progress(started, cheapest.scale)
+    status = solver.Solve(cheapest.model, progress)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         intervals = cheapest.intervals(solver)
         objective = solver.ObjectiveValue() / cheapest.scale
@@ -234,8 +248,10 @@ def solve(
         objective = _cost(graph, first)
         bound = 0.0
         label = "feasible"
-    return Schedule(label, objective, bound, intervals, time.perf_counter() - started, "moccasin", budget,
-                    peak_memory(graph, order, intervals))  # fmt: skip
+    result = Schedule(label, objective, bound, intervals, time.perf_counter() - started, "moccasin", budget,
+                      peak_memory(graph, order, intervals))  # fmt: skip
+    result.trace = [(seconds, value) for seconds, value in progress.trace]
+    return result
 
 
 def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_node: int = 2, keep=()):

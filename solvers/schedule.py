@@ -45,6 +45,14 @@ class Schedule:
     budget: int = 0
     peak: int | None = None
     smallest_feasible_budget: int | None = None
+    trace: list = field(default_factory=list)  # (seconds, objective) of each improving solution
+
+    @property
+    def seconds_to_best(self) -> float | None:
+        """When the final objective was first reached (None without a trace)."""
+        if not self.trace or self.objective is None:
+            return None
+        return next(s for s, value in self.trace if value <= self.objective + 1e-9)
 
     @property
     def recomputations(self) -> list[tuple[int, object]]:
