@@ -441,14 +441,14 @@ def _quiet_interpreter():
 
 
 def _autotune(device: torch.device) -> bool:
+    """Block sizes are autotuned on a GPU; under the interpreter a heuristic picks them."""
     return device.type == "cuda" and not interpreted()
 
 
 def launch_forward(region: Region, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     check_inputs(region, inputs)
     _check_launchable(region, inputs)
-    operands, _ = region.apply_views(inputs)
-    shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+    operands, shape = region.iteration(inputs)
     region.check_output_shapes([tuple(o.shape) for o in operands], shape)
     device = operands[0].device
     outputs = [torch.empty(shape, dtype=dt, device=device) for dt in region.output_dtypes()]
@@ -465,8 +465,7 @@ def launch_backward(region: Region, inputs: list[torch.Tensor], grads: list[torc
     to the operand's shape, given those of its float outputs."""
     check_inputs(region, inputs)
     _check_launchable(region, inputs)
-    operands, _ = region.apply_views(inputs)
-    shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+    operands, shape = region.iteration(inputs)
     float_operands = [operands[k] for k in differentiable_operands(region)]
     reduced = tuple(tuple(o.shape) != shape or not o.is_contiguous() for o in float_operands)
     device = operands[0].device
@@ -488,8 +487,7 @@ def reference_backward(region: Region, inputs: list[torch.Tensor], grads: list[t
     compute type, same inputs read): the path without kernels, traceable by compile."""
     from codegen.evaluate import evaluate
 
-    operands, _ = region.apply_views(inputs)
-    shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+    operands, shape = region.iteration(inputs)
     compute = compute_dtype(region)
     program, backward = region.program(), backward_program(region)
     env = {}
@@ -538,8 +536,7 @@ class PointwiseKernel:
         return outputs[0] if self._single else tuple(outputs)
 
     def _signature(self, tensors, extra=()):
-        operands, _ = self.region.apply_views([_meta_like(t) for t in tensors])
-        shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+        operands, shape = self.region.iteration([_meta_like(t) for t in tensors])
         device = tensors[0].device if tensors else self._device
         return operands, shape, plan(list(operands) + list(extra), shape, _autotune(device))[0]
 

@@ -122,6 +122,16 @@ def _pow(b, e):
 }
 
 
+_RELATIONS = {
+    "StrictGreaterThan": ">",
+    "GreaterThan": ">=",
+    "StrictLessThan": "<",
+    "LessThan": "<=",
+    "Equality": "==",
+    "Unequality": "!=",
+}
+
+
 class TritonPrinter:
     def __init__(self, compute_dtype: torch.dtype, temp_prefix: str = "p"):
         self.compute = TL_DTYPES[compute_dtype]
@@ -192,17 +202,16 @@ class TritonPrinter:
             elif coeff.is_number and coeff < 0 and rest != 1:
                 terms.append(("-", self.print(-term)))
             else:
-                terms.append(("+", self._term(term, expr)))
+                terms.append(("+", self._operand(term, as_float=not expr.is_integer)))
         terms.sort(key=lambda t: t[0] == "-")  # a0 - 10, never -10 + a0 (unsigned a0 takes no negative literal)
         text = terms[0][1] if terms[0][0] == "+" else f"-{terms[0][1]}"
         for sign, t in terms[1:]:
             text += f" {sign} {t}"
         return f"({text})"
 
-    def _term(self, term, whole) -> str:
-        if term.is_number:
-            return self.number(term, as_float=not whole.is_integer)
-        return self.print(term)
+    def _operand(self, value, as_float: bool) -> str:
+        """A number typed for the expression it sits in (2.0 in float code), else the value."""
+        return self.number(value, as_float=as_float) if value.is_number else self.print(value)
 
     def _print_Mul(self, expr):
         float_result = not expr.is_integer
@@ -384,8 +393,7 @@ class TritonPrinter:
         return f"({self.print(a)} % {self.print(b)})"  # Triton's % is C's fmod, ints and floats
 
     def _raw(self, expr, op: str) -> str:
-        as_float = not expr.is_integer
-        a, b = (self.number(x, as_float=as_float) if x.is_number else self.print(x) for x in expr.args)
+        a, b = (self._operand(x, as_float=not expr.is_integer) for x in expr.args)
         return f"({a} {op} {b})"
 
     def _print_RawAdd(self, expr):
@@ -416,36 +424,13 @@ class TritonPrinter:
         default = None
         if branches and branches[-1].cond == sympy.true:
             default = branches.pop().expr
-        text = self._branch(default, as_float) if default is not None else self.float_literal(math.nan)
+        text = self._operand(default, as_float) if default is not None else self.float_literal(math.nan)
         for value, cond in reversed(branches):
-            text = f"tl.where({self.print(cond)}, {self._branch(value, as_float)}, {text})"
+            text = f"tl.where({self.print(cond)}, {self._operand(value, as_float)}, {text})"
         return text
 
-    def _branch(self, value, as_float: bool) -> str:
-        if value.is_number:
-            return self.number(value, as_float=as_float)
-        return self.print(value)
-
-    def _relational(self, expr, op):
-        return f"({self.print(expr.lhs)} {op} {self.print(expr.rhs)})"
-
-    def _print_StrictGreaterThan(self, expr):
-        return self._relational(expr, ">")
-
-    def _print_GreaterThan(self, expr):
-        return self._relational(expr, ">=")
-
-    def _print_StrictLessThan(self, expr):
-        return self._relational(expr, "<")
-
-    def _print_LessThan(self, expr):
-        return self._relational(expr, "<=")
-
-    def _print_Equality(self, expr):
-        return self._relational(expr, "==")
-
-    def _print_Unequality(self, expr):
-        return self._relational(expr, "!=")
+    def _print_Relational(self, expr):
+        return f"({self.print(expr.lhs)} {_RELATIONS[type(expr).__name__]} {self.print(expr.rhs)})"
 
     def _print_And(self, expr):
         return "(" + " & ".join(self.print(a) for a in expr.args) + ")"

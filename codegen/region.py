@@ -368,10 +368,14 @@ class Region:
             values[index] = SymValue(symbol, value.kind)
         return Program(tuple(operand_symbols), tuple(steps), tuple(values[i] for i in self.outputs))
 
+    def iteration(self, inputs) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """The kernel operands for these inputs and the shape the kernel iterates over."""
+        operands, _ = self.apply_views(inputs)
+        return operands, tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+
     def check_shapes(self, inputs) -> None:
         """``check_output_shapes`` for these inputs (real, fake or meta tensors)."""
-        operands, _ = self.apply_views(inputs)
-        shape = tuple(torch.broadcast_shapes(*(o.shape for o in operands)))
+        operands, shape = self.iteration(inputs)
         self.check_output_shapes([tuple(o.shape) for o in operands], shape)
 
     def check_output_shapes(self, operand_shapes: list[tuple[int, ...]], shape: tuple[int, ...]) -> None:

@@ -31,14 +31,18 @@ import torch
 
 from codegen import cache
 from codegen.launch import ELEMENTWISE_BLOCK, interpreted, on_device
-from codegen.pointwise import GPU_CONFIGS, _quiet_interpreter, is_constant, print_expressions
+from codegen.pointwise import GPU_CONFIGS, _autotune, _quiet_interpreter, is_constant, print_expressions
 from codegen.printer import TL_DTYPES, TritonPrinter, helper_source
 
 HEADER = "# Emitted by rewrite.codegen from the {template} template: {what}.\nimport triton\nimport triton.language as tl\n"
 
 
+def _gpu_tuned() -> bool:
+    return torch.cuda.is_available() and _autotune(torch.device("cuda"))
+
+
 def _autotune_decorator(key: str, block: str = "BLOCK") -> str:
-    if interpreted() or not torch.cuda.is_available():
+    if not _gpu_tuned():
         return "@triton.jit\n"
     configs = ", ".join(f'triton.Config({{"{block}": {b}}}, num_warps={w})' for b, w in GPU_CONFIGS)
     return f'@triton.autotune(configs=[{configs}], key=["{key}"])\n@triton.jit\n'
@@ -87,13 +91,7 @@ def packed2_forward_source(value: sympy.Expr, code: sympy.Expr, dtype: torch.dty
         "packed = tl.sum(code << (lane[None, :] * 2), axis=1)",
         "tl.store(codes_ptr + group, packed.to(tl.uint8), mask=group_mask)",
     ]
-    return (
-        HEADER.format(template="packed2", what=f"y = {value}; code = {code}")
-        + helper_source(printer.helpers)
-        + "\n\n"
-        + _autotune_decorator("n")
-        + f"def packed2_forward(x_ptr, y_ptr, codes_ptr, n, BLOCK: tl.constexpr):\n{_indent(lines)}\n"
-    )
+    return _packed2_kernel("packed2_forward(x_ptr, y_ptr, codes_ptr, n", lines, printer, f"y = {value}; code = {code}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,17 +107,21 @@ def packed2_backward_source(grad_in: sympy.Expr, dtype: torch.dtype) -> str:
         *body,
         f"tl.store(out_ptr + offs, ({g}).to({TL_DTYPES[dtype]}), mask=mask)",
     ]
+    return _packed2_kernel("packed2_backward(grad_ptr, codes_ptr, out_ptr, n", lines, printer, f"grad_in = {grad_in}")
+
+
+def _packed2_kernel(signature: str, lines: list[str], printer: TritonPrinter, what: str) -> str:
     return (
-        HEADER.format(template="packed2", what=f"grad_in = {grad_in}")
+        HEADER.format(template="packed2", what=what)
         + helper_source(printer.helpers)
         + "\n\n"
         + _autotune_decorator("n")
-        + f"def packed2_backward(grad_ptr, codes_ptr, out_ptr, n, BLOCK: tl.constexpr):\n{_indent(lines)}\n"
+        + f"def {signature}, BLOCK: tl.constexpr):\n{_indent(lines)}\n"
     )
 
 
 def _elementwise_launch(n: int):
-    if interpreted() or not torch.cuda.is_available():
+    if not _gpu_tuned():
         return (-(-n // ELEMENTWISE_BLOCK),), {"BLOCK": ELEMENTWISE_BLOCK}
     return (lambda meta: (-(-n // meta["BLOCK"]),)), {}
 
