@@ -26,6 +26,7 @@ test: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/approx_bp.py
 	$(PY) benchmarks/codegen.py
+	$(PY) benchmarks/remat.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -2,5 +2,6 @@
 or as objects with options (``passes.ApproxBP(norms=False)``)."""
 
 from passes.approx_bp import ApproxBP
+from passes.remat import Remat
 
-__all__ = ["ApproxBP"]
+__all__ = ["ApproxBP", "Remat"]

@@ -77,6 +77,9 @@ def _chart_rows(p: PassReport) -> list[tuple[str, int, int]] | None:
         return None
     before = n.saved_before.by_module(p.before.graph)
     after = n.saved_after.by_module(p.after.graph)
+    unattributed = [s for s, by in ((n.saved_before, before), (n.saved_after, after)) if s.total_bytes and not any(by.values())]
+    if unattributed:  # saved by a compiled step (remat), not node by node: no per-module split
+        return None
     keys = list(OrderedDict.fromkeys([*before, *after]))
     depth = None
     max_depth = max((k.count(".") + 1 for k in keys), default=1)
@@ -113,6 +116,58 @@ def memory_chart_svg(rows: list[tuple[str, int, int]]) -> str:
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def memory_curve_svg(before: list[int], after: list[int], budget: int | None = None) -> str:
+    """Memory over the step (x: position in the step, scaled to the same width for both
+    curves; y: bytes alive), before (grey) and after (blue), with the budget as a red line."""
+    if not before and not after:
+        return ""
+    left, plot_w, plot_h, top, bottom = 80, 860, 220, 10, 30
+    width, height = left + plot_w + 20, top + plot_h + bottom
+    peak = max([*before, *after, budget or 0]) or 1
+
+    def points(values: list[int]) -> str:
+        if len(values) == 1:
+            values = values * 2
+        step = plot_w / (len(values) - 1)
+        return " ".join(f"{left + i * step:.1f},{top + plot_h * (1 - v / peak):.1f}" for i, v in enumerate(values))
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="memory over the step" font-family="system-ui, sans-serif" font-size="12">',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#8a93a6"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#8a93a6"/>',
+    ]
+    for fraction in (0.0, 0.5, 1.0):
+        y = top + plot_h * (1 - fraction)
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#5b6478">{format_bytes(peak * fraction)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" fill="#5b6478">position in the step (forward, then backward) →</text>')
+    if before:
+        parts.append(f'<polyline fill="none" stroke="{_BEFORE_COLOR}" stroke-width="2" points="{points(before)}"><title>before: peak {format_bytes(max(before))}</title></polyline>')
+    if after:
+        parts.append(f'<polyline fill="none" stroke="{_AFTER_COLOR}" stroke-width="2" points="{points(after)}"><title>after: peak {format_bytes(max(after))}</title></polyline>')
+    if budget:
+        y = top + plot_h * (1 - budget / peak)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#d92d20" stroke-dasharray="6 4"><title>budget {format_bytes(budget)}</title></line>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _memory_curve(p: PassReport) -> str:
+    series = getattr(p.result, "series", {}) or {}
+    before, after = series.get("memory_before"), series.get("memory_after")
+    if not before and not after:
+        return ""
+    budget = series.get("budget")
+    return (
+        "<h3>Memory over the step</h3>"
+        f"<p class='legend'><span><i class='swatch' style='background:{_BEFORE_COLOR}'></i>before (peak {format_bytes(max(before or [0]))})</span>"
+        f"<span><i class='swatch' style='background:{_AFTER_COLOR}'></i>after (peak {format_bytes(max(after or [0]))})</span>"
+        + (f"<span><i class='swatch' style='background:#d92d20'></i>budget {format_bytes(budget)}</span>" if budget else "")
+        + "<span class='muted'>bytes of intermediate tensors alive, simulated on the example inputs (the measured peaks are in the figures)</span></p>"
+        + memory_curve_svg(before or [], after or [], budget)
+    )
 
 
 def _cards(p: PassReport) -> str:
@@ -250,6 +305,7 @@ def _pass_section(p: PassReport) -> str:
     return (
         f"<section><h2>pass <code>{_e(p.spec)}</code><span class='badge{approx}'>{_e(p.kind())}</span></h2>"
         + _cards(p)
+        + _memory_curve(p)
         + chart
         + _changes_table(p)
         + _kernels_section(p)

@@ -165,6 +165,14 @@ class RewrittenModule(fx.GraphModule):
     def example_inputs(self) -> tuple[tuple, dict]:
         return self.rewrite_info.example_args, self.rewrite_info.example_kwargs
 
+    def __call__(self, *args, **kwargs):
+        # A training schedule (remat) runs training calls as its own forward/backward graphs;
+        # other calls (inference, export, torch.compile) run this graph.
+        step = self.meta.get("training_step")
+        if step is not None and self.training and step.applies(self, args, kwargs):
+            return step(self, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
     def train(self, mode: bool = True):
         set_graph_mode(self, mode)
         return super().train(mode)

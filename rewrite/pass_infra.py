@@ -38,6 +38,7 @@ from rewrite.errors import OptionError, PassError
 
 _BUILTIN_PASSES = {
     "approx_bp": "passes.approx_bp:ApproxBP",
+    "remat": "passes.remat:Remat",
 }
 _registered: dict[str, type[Pass]] = {}
 
@@ -78,6 +79,8 @@ class PassResult:
     changes: list[Change] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+    # Curves for the HTML report (name -> list of numbers or one number), not printed as text.
+    series: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

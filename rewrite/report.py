@@ -76,6 +76,8 @@ class PassReport:
             "skipped": [asdict(s) for s in self.skipped],
             "figures": self.figures,
         }
+        if self.result.series:
+            out["series"] = self.result.series
         n = self.numerics
         if n is not None:
             out["numerics"] = {

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from rewrite.memory import SavedActivations, run_recording_saved
+from rewrite.memory import SavedActivations, record_saved, run_recording_saved
 
 # Relative error ||after - before|| / ||before|| allowed for "equal up to float rounding".
 _TOLERANCE = {
@@ -98,9 +98,17 @@ def _run(gm: fx.GraphModule, args: tuple, kwargs: dict, seed: int, targets: list
     params = dict(gm.named_parameters())
     # manual_seed reseeds every GPU too: fork (and so restore) the generators of all of them.
     gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    step = getattr(gm, "meta", {}).get("training_step")
+    scheduled = step is not None and step.applies(gm, call_args, call_kwargs)
+    if scheduled:
+        step.prepare(gm, call_args, call_kwargs)  # compile before recording what is saved
     with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
-        out, saved = run_recording_saved(gm, call_args, call_kwargs)
+        if scheduled:
+            with record_saved(gm) as saved:  # a training schedule (remat) decides what is saved
+                out = step(gm, call_args, call_kwargs)
+        else:
+            out, saved = run_recording_saved(gm, call_args, call_kwargs)
     outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     grad_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     grad_targets = grad_inputs + [params[name] for name in targets]

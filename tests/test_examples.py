@@ -36,6 +36,17 @@ def test_fuse_pointwise_example_compiles_its_region():
     assert "@triton.jit" in out and "def pointwise_forward" in out
 
 
+def test_remat_example_trains_in_half_the_memory_with_equal_weights():
+    out = _run("remat_training.py")
+    assert "pass remat" in out and "solver: moccasin" in out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and all(line.endswith("weights equal: True") for line in lines)
+    for line in lines:  # "step i: peak A MiB with remat, B MiB without; ..."
+        with_remat = float(line.split("peak ")[1].split(" MiB")[0])
+        without = float(line.split("remat, ")[1].split(" MiB")[0])
+        assert with_remat <= 0.55 * without
+
+
 @pytest.mark.parametrize("model", ["mlp", "llama"])
 def test_demo(tmp_path, capsys, model):
     assert main(["demo", "--model", model, "--out", str(tmp_path)]) == 0

@@ -1,0 +1,349 @@
+"""remat: train (or run) a model in less memory by recomputing tensors instead of keeping them.
+
+The choice of what to keep and what to recompute, and when, is solved over the real liveness
+of the step's graph in a fixed order with CP-SAT in the Moccasin formulation
+(``solvers.moccasin``): each tensor gets up to ``intervals`` retention intervals, memory
+never exceeds the budget in the simulation, and the total cost of the recomputations is the
+least found in ``time_limit`` seconds.
+
+- ``graph="training"`` (the default): the joint forward+backward graph AOTAutograd traces
+  (``rewrite.training_graph``). The schedule becomes the forward graph, which saves only what
+  is kept across the forward/backward boundary, and the backward graph, which recomputes the
+  rest just where the schedule says. The rewritten module runs its training calls (grad
+  enabled, in train mode) through these graphs; inference calls and ``rewrite.save`` use the
+  forward graph, which is unchanged. The schedule is made for the example inputs' shapes;
+  a call with other shapes is planned again (with the same options) the first time.
+- ``graph="inference"``: the forward graph alone, for running a model within a memory limit
+  (the edge-device case); recomputations become copies of nodes in the graph itself.
+
+The budget is a fraction of the unmodified step's peak memory of intermediate tensors
+(activations, gradients, temporaries; not the parameters or inputs), or an absolute size
+("1.5GB", "800MiB"). Exact: outputs and gradients equal the original's up to float rounding
+(recomputation repeats the same ops); random ops (dropout) are never recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from rewrite.graph import module_path, op_name
+from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option
+from rewrite.report import format_bytes
+from rewrite.training_graph import (
+    MemoryModel,
+    Partition,
+    ScheduledTraining,
+    is_random,
+    liveness_profile,
+    measure_peak,
+    realize,
+)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_CURVE_POINTS = 400
+
+
+def parse_size(text: str) -> int:
+    """'1.5GB' -> 1500000000, '800MiB' -> 838860800, '4096' -> 4096."""
+    m = _SIZE.match(text)
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"cannot read the size {text!r}; write e.g. 1.5GB, 800MiB or 4096 (bytes)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _downsample(values: list[int], points: int = _CURVE_POINTS) -> list[int]:
+    """At most ``points`` values keeping every stretch's maximum (the peaks stay visible)."""
+    if len(values) <= points:
+        return list(values)
+    step = len(values) / points
+    return [max(values[int(i * step) : max(int((i + 1) * step), int(i * step) + 1)]) for i in range(points)]
+
+
+class RematError(Exception):
+    """No schedule: the message says why and what budget would do."""
+
+
+@dataclass
+class _Planner:
+    """Solves one memory model under the pass's budget; remembers what it decided."""
+
+    remat: Remat
+    progress: object = None
+    schedules: list = field(default_factory=list)
+
+    def budget_bytes(self, plain_peak: int) -> int:
+        budget = self.remat.budget
+        if isinstance(budget, str):
+            return parse_size(budget)
+        return int(math.floor(budget * plain_peak))
+
+    def __call__(self, model: MemoryModel) -> dict:
+        from solvers import moccasin
+
+        plain = model.plain_intervals()
+        plain_peak = max(model.profile(plain), default=0)
+        budget = self.budget_bytes(plain_peak)
+        if self.progress:
+            self.progress(
+                f"remat: solving {len(model.order)} tensors, budget {format_bytes(budget)} "
+                f"(the step without remat peaks at {format_bytes(plain_peak)}), up to {self.remat.time_limit:g} s"
+            )
+        schedule = moccasin.solve(
+            model.graph,
+            model.order,
+            budget,
+            intervals_per_node=self.remat.intervals,
+            time_limit=self.remat.time_limit,
+            workers=self.remat.workers or os.cpu_count() or 1,
+            keep=model.keep,
+        )
+        self.schedules.append((model, schedule, plain_peak))
+        if not schedule.has_schedule:
+            raise RematError(self.explain(schedule, plain_peak))
+        return schedule.intervals
+
+    def explain(self, schedule, plain_peak: int) -> str:
+        asked = f"budget {format_bytes(schedule.budget)} ({schedule.budget / max(plain_peak, 1):.2f} of the peak {format_bytes(plain_peak)})"
+        if schedule.status == "infeasible":
+            smallest = schedule.smallest_feasible_budget
+            hint = (
+                f"; the smallest budget a schedule was found for is {format_bytes(smallest)} "
+                f"(budget={smallest / max(plain_peak, 1):.3f}, or budget=\"{smallest}B\")"
+                if smallest
+                else ""
+            )
+            return f"no schedule fits the {asked}{hint}: raise the budget, or allow more recomputations (intervals)"
+        return (
+            f"no schedule within the {asked} was found in {schedule.seconds:.1f} s: "
+            "raise time_limit, or raise the budget"
+        )
+
+
+@dataclass(frozen=True)
+class Remat(Pass):
+    """Rematerialization under a memory budget, solved with CP-SAT (Moccasin)."""
+
+    name: ClassVar[str] = "remat"
+    budget: float | str = option(
+        0.5, "memory budget: a fraction of the unmodified step's peak of intermediate tensors, or a size such as 1.5GB"
+    )
+    solver: str = option("moccasin", "schedule solver: moccasin (CP-SAT, exact given time) ")
+    time_limit: float = option(60.0, "seconds the solver may take per schedule")
+    graph: str = option("training", "training (forward+backward step) or inference (forward only)")
+    intervals: int = option(2, "retention intervals per tensor: at most intervals-1 recomputations each")
+    workers: int = option(0, "solver threads (0: one per CPU core)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.solver != "moccasin":
+            raise ValueError(f"option solver={self.solver!r}: the solver is 'moccasin'")
+        if self.graph not in ("training", "inference"):
+            raise ValueError(f"option graph={self.graph!r}: choose 'training' or 'inference'")
+        if isinstance(self.budget, str):
+            parse_size(self.budget)
+        elif not 0 < self.budget:
+            raise ValueError(f"option budget={self.budget!r}: a fraction must be above 0 (e.g. 0.5)")
+        if self.time_limit <= 0:
+            raise ValueError("option time_limit must be above 0 seconds")
+        if self.intervals < 1:
+            raise ValueError("option intervals must be at least 1")
+        if self.workers < 0:
+            raise ValueError("option workers must be 0 (all cores) or more")
+
+    def check(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if "training_step" in getattr(gm, "meta", {}):
+            raise self.fail("the graph already has a remat schedule; run remat once, as the last training pass")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.graph == "inference":
+            return self._run_inference(gm, ctx)
+        return self._run_training(gm, ctx)
+
+    # ------------------------------------------------------------------ training
+
+    def _run_training(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        planner = _Planner(self)
+        step = ScheduledTraining(planner)
+        args, kwargs = ctx.example_args, ctx.example_kwargs
+        if not any(p.requires_grad for p in gm.parameters()):
+            raise self.fail("the model has no parameter that requires grad: use graph=\"inference\" to run it in less memory")
+        params = [p for p in gm.parameters() if p.requires_grad]
+        buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+
+        def restore():
+            with torch.no_grad():
+                for tensor, value in buffers:
+                    tensor.copy_(value)
+
+        try:
+            part = step.prepare(gm, args, kwargs)  # traces, plans and compiles
+        except RematError as exc:
+            raise self.fail(str(exc)) from None
+        except Exception as exc:
+            cause = _root_cause(exc)
+            if isinstance(cause, RematError):
+                raise self.fail(str(cause)) from None
+            raise self.fail(f"could not trace the training step: {type(cause).__name__}: {cause}") from exc
+        try:
+            measured_after = measure_peak(lambda: _train_step(lambda: step(gm, args, kwargs), params))
+            restore()
+            measured_before = measure_peak(lambda: _train_step(lambda: gm(*args, **kwargs), params))
+        finally:
+            restore()
+        _, schedule, plain_peak = planner.schedules[-1]
+        # Later calls with other shapes are planned again; tell the user when that happens.
+        step.planner.progress = _stderr_note
+        gm.meta["training_step"] = step
+        result = self._describe(part, schedule, plain_peak)
+        result.figures["measured_peak_before"] = format_bytes(measured_before)
+        result.figures["measured_peak_after"] = format_bytes(measured_after)
+        result.figures["measured_peak_ratio"] = round(measured_after / measured_before, 3) if measured_before else None
+        return result
+
+    def _describe(self, part: Partition, schedule, plain_peak: int) -> PassResult:
+        model = part.model
+        result = PassResult()
+        nodes = {u.name: u.node for u in model.units}
+        position_node = {t: name for t, name in enumerate(model.order)}
+        forward_end = part.forward_end
+        recomputed_flops = recomputed_cost = 0
+        counted = set()
+        for name, spans in part.intervals.items():
+            node = nodes[name]
+            for start, _ in spans[1:]:
+                if (node, start) not in counted:  # outputs of one op recomputed together run it once
+                    counted.add((node, start))
+                    recomputed_flops += model.flops.get(node.name, 0)
+                    recomputed_cost += model.graph.nodes[name]["cost"]
+                phase = "backward" if start >= forward_end else "forward"
+                result.changes.append(
+                    Change(
+                        node=name,
+                        where=module_path(node),
+                        before=op_name(node),
+                        after="recomputed",
+                        detail=f"{format_bytes(model.graph.nodes[name]['mem'])}, recomputed in the {phase} before {position_node[start]}",
+                    )
+                )
+        for node in {u.node: None for u in model.units}:
+            if is_random(node):
+                result.skipped.append(
+                    Skip(node.name, module_path(node), op_name(node), "random op: never recomputed (a new draw would differ)")
+                )
+        total_flops = model.total_flops()
+        total_cost = sum(model.graph.nodes[u.name]["cost"] for u in model.units if u.index in (None, model_first_index(model, u)))
+        before_curve = liveness_profile_of_plain(model)
+        after_curve = liveness_profile(part.joint)
+        result.figures.update(
+            {
+                "budget": format_bytes(schedule.budget),
+                "simulated_peak_before": format_bytes(plain_peak),
+                "simulated_peak_after": format_bytes(part.simulated_peak),
+                "solver": f"moccasin {schedule.status}, {schedule.seconds:.2f} s",
+                "recompute_cost": f"{schedule.objective:.4g} (bound {schedule.bound:.4g})"
+                if schedule.objective is not None
+                else "none",
+                "recomputed_tensors": len(result.changes),
+                "recompute_flops_overhead": f"{recomputed_flops / total_flops:.2%} of the step's matmul/conv FLOPs"
+                if total_flops
+                else "0",
+                "recompute_cost_overhead": f"{recomputed_cost / total_cost:.2%} of the step's estimated cost" if total_cost else "0",
+                "saved_for_backward": len(part.saved),
+            }
+        )
+        result.series = {
+            "memory_before": _downsample(before_curve),
+            "memory_after": _downsample(after_curve),
+            "budget": schedule.budget,
+            "forward_end_before": round(forward_end / max(len(model.order), 1), 4),
+        }
+        return result
+
+    # ------------------------------------------------------------------ inference
+
+    def _run_inference(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        model = MemoryModel.from_graph(gm.graph)
+        planner = _Planner(self)
+        try:
+            intervals = planner(model)
+        except RematError as exc:
+            raise self.fail(str(exc)) from None
+        _, schedule, plain_peak = planner.schedules[-1]
+        with torch.no_grad():
+            measured_before = measure_peak(lambda: gm(*ctx.example_args, **ctx.example_kwargs))
+        new_graph, _ = realize(model, intervals)
+        gm.graph = new_graph
+        gm.recompile()
+        with torch.no_grad():
+            measured_after = measure_peak(lambda: gm(*ctx.example_args, **ctx.example_kwargs))
+        part_curve = liveness_profile(gm.graph)
+        result = PassResult()
+        nodes = {u.name: u.node for u in model.units}
+        for name, spans in intervals.items():
+            for start, _ in spans[1:]:
+                node = nodes[name]
+                result.changes.append(
+                    Change(name, module_path(node), op_name(node), "recomputed",
+                           f"{format_bytes(model.graph.nodes[name]['mem'])}, recomputed before {model.order[start]}")  # fmt: skip
+                )
+        result.figures.update(
+            {
+                "budget": format_bytes(schedule.budget),
+                "simulated_peak_before": format_bytes(plain_peak),
+                "simulated_peak_after": format_bytes(max(part_curve, default=0)),
+                "solver": f"moccasin {schedule.status}, {schedule.seconds:.2f} s",
+                "recomputed_tensors": len(result.changes),
+                "measured_peak_before": format_bytes(measured_before),
+                "measured_peak_after": format_bytes(measured_after),
+            }
+        )
+        result.series = {
+            "memory_before": _downsample(liveness_profile_of_plain(model)),
+            "memory_after": _downsample(part_curve),
+            "budget": schedule.budget,
+        }
+        return result
+
+
+def model_first_index(model: MemoryModel, unit) -> int | None:
+    """The index of the first unit of ``unit``'s op (its cost counts the op once)."""
+    return next(u.index for u in model.units if u.node is unit.node)
+
+
+def liveness_profile_of_plain(model: MemoryModel) -> list[int]:
+    return liveness_profile(model.fx_graph)
+
+
+def _train_step(forward, params: list[torch.Tensor]) -> None:
+    """One forward and backward of sum(outputs), gradients returned rather than accumulated
+    into ``.grad`` (measuring must not touch the user's model)."""
+    out = forward()
+    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if tensors:
+        loss = sum(t.sum() for t in tensors)
+        torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = exc
+    while seen.__cause__ is not None or (seen.__context__ is not None and not seen.__suppress_context__):
+        if isinstance(seen, RematError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
+def _stderr_note(message: str) -> None:
+    import sys
+
+    print(f"[rewrite] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,553 @@
+"""The training step as one graph, its memory over time, and running it on a schedule.
+
+AOTAutograd traces a module's forward and backward into one *joint* graph and hands it to a
+partition function, which splits it into the forward graph (whose extra outputs are what the
+backward reads: the saved tensors) and the backward graph. ``ScheduledTraining`` supplies that
+partition function: it turns the joint graph into a ``MemoryModel`` (one entry per tensor the
+step allocates: its bytes, its cost, whether it may be recomputed), asks a *planner* for
+retention intervals over the graph's order (``solvers.schedule`` semantics), writes the graph
+out again in that order with a copy of a node at every recomputation (``realize``), and splits
+it where the forward ends. Whatever is alive across that point is saved; everything else is
+freed after its last use and recomputed where the schedule says.
+
+Memory model. A *storage node* is a call_function node that allocates: aliases (views,
+``getitem`` of a multi-output op, ``_unsafe_view``) own no memory and keep their base alive.
+Inputs (parameters, buffers, the model's inputs, the backward's incoming gradients) are alive
+throughout and not counted. The memory at a point of the order is the bytes of the storage
+nodes alive there; a node is alive from its computation to its last use, outputs (the model's
+outputs and the gradients) to the end. ``measure_peak`` measures the same quantity for real:
+the peak bytes of the storages allocated while a function runs and still alive.
+
+Cost. FLOPs from ``torch.utils.flop_counter`` for the ops it knows (matmuls, convolutions,
+attention); for every op also the bytes it reads and writes, at ``FLOPS_PER_BYTE`` FLOPs a byte
+(a roofline: the cost is the larger of the two). Random ops (``nondeterministic_seeded``) are
+never recomputed: a second draw would differ.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rewrite.graph import node_bytes, node_flops
+
+aten = torch.ops.aten
+
+# Machine balance used to put memory-bound ops on the FLOP scale (about that of a CPU core or
+# a GPU's pointwise path; only the ratio between ops matters to the solvers).
+FLOPS_PER_BYTE = 10
+
+# Ops whose output shares its input's storage although their schema does not say so.
+_STORAGE_SHARING = {aten._unsafe_view.default, aten.alias.default, aten.detach.default}
+
+
+def is_alias(node: fx.Node) -> bool:
+    """Whether the node's output is a view of (part of) one of its inputs."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem or node.target in _STORAGE_SHARING:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns))
+
+
+def is_random(node: fx.Node) -> bool:
+    """Whether running the node twice may give different values: a random op, unless its
+    dropout probability is 0 (attention without dropout is tagged random too) or it is off."""
+    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        values = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+        values.update({a.name: v for a, v in zip(schema.arguments, node.args)})
+        values.update(node.kwargs)
+        if "dropout_p" in values:
+            return values["dropout_p"] not in (0, 0.0)
+        if node.target in (aten.native_dropout.default, aten.dropout.default) and (
+            values.get("p") in (0, 0.0) or values.get("train") is False
+        ):
+            return False
+    return True
+
+
+def is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+@dataclass
+class Unit:
+    """One storage the step allocates: the output of ``node``, or output ``index`` of a
+    multi-output node (then ``name`` is the name of the getitem that takes it)."""
+
+    name: str
+    node: fx.Node
+    index: int | None = None
+
+
+@dataclass
+class MemoryModel:
+    """A graph's storages in order with bytes, cost and what they read (through aliases).
+
+    ``graph`` is the solvers' problem: a DiGraph over unit names with ``mem``, ``cost`` and
+    ``recompute``; ``order`` its topological order; ``keep`` the units that must last to the
+    end. The outputs of a multi-output op are separate units at consecutive positions, the
+    largest first: they die separately, and recomputing any of them reruns the op.
+    """
+
+    fx_graph: fx.Graph
+    units: list[Unit]
+    graph: nx.DiGraph
+    order: list[str]
+    keep: set[str]
+    root: dict[fx.Node, str | None]  # node -> name of the unit it lives in (None: an input)
+    flops: dict[str, int] = field(default_factory=dict)  # per op (the first unit of an op)
+
+    @classmethod
+    def from_graph(cls, fx_graph: fx.Graph) -> MemoryModel:
+        root: dict[fx.Node, str | None] = {}
+        units: list[Unit] = []
+        for node in fx_graph.nodes:
+            if node.op in ("placeholder", "get_attr", "output"):
+                root[node] = None
+            elif node.target is operator.getitem and _is_split(node.args[0]):
+                root[node] = node.name  # a unit of its own, added with its op below
+            elif is_alias(node):
+                base = node.args[0]
+                root[node] = root.get(base) if isinstance(base, fx.Node) else None
+            elif _is_split(node):
+                root[node] = None
+                parts = [u for u in node.users if u.target is operator.getitem]
+                parts.sort(key=lambda g: -node_bytes(g))
+                units.extend(Unit(g.name, node, g.args[1]) for g in parts)
+            else:
+                root[node] = node.name
+                units.append(Unit(node.name, node))
+        graph = nx.DiGraph()
+        flops: dict[str, int] = {}
+        for unit in units:
+            node = unit.node
+            moved = node_bytes(node) + sum(node_bytes(a) for a in _inputs(node))
+            if node.name not in flops:
+                try:
+                    flops[node.name] = node_flops(node)
+                except Exception:  # an op the flop counter cannot run on fake tensors: bytes only
+                    flops[node.name] = 0
+            mem = node_bytes(next(g for g in node.users if g.name == unit.name)) if unit.index is not None else node_bytes(node)
+            graph.add_node(
+                unit.name,
+                mem=mem,
+                cost=max(flops[node.name], FLOPS_PER_BYTE * moved),
+                recompute=not is_random(node),
+            )
+        for unit in units:
+            for a in _inputs(unit.node):
+                base = root.get(a)
+                if base is not None and base != unit.name:
+                    graph.add_edge(base, unit.name)
+        output = next(n for n in fx_graph.nodes if n.op == "output")
+        keep = {root[a] for a in output.all_input_nodes if root.get(a) is not None}
+        return cls(fx_graph, units, graph, [u.name for u in units], keep, root, flops)
+
+    def plain_intervals(self) -> dict:
+        """Every unit kept from its computation to its last use: the step as written."""
+        from solvers.schedule import no_remat_intervals
+
+        return no_remat_intervals(self.graph, self.order, self.keep)
+
+    def profile(self, intervals: dict) -> list[int]:
+        from solvers.schedule import memory_profile
+
+        return memory_profile(self.graph, self.order, intervals)
+
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+def _is_split(node) -> bool:
+    """A multi-output op whose outputs are only taken apart with getitem."""
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and isinstance(node.meta.get("val"), (tuple, list))
+        and not is_alias(node)
+        and bool(node.users)
+        and all(u.target is operator.getitem for u in node.users)
+    )
+
+
+def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node, int]]:
+    """``model``'s graph written out in order with a copy of an op at each recomputation.
+
+    Returns the new graph and the time (position in the order) each new node runs at; a
+    node's inputs are the copies the schedule keeps alive at that time, and aliases are
+    re-taken from the copy of their base alive there.
+    """
+    old = model.fx_graph
+    new = fx.Graph()
+    when: dict[fx.Node, int] = {}
+    mapped: dict[fx.Node, fx.Node] = {}
+    for node in old.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            mapped[node] = new.node_copy(node)
+            when[mapped[node]] = -1
+    position = {name: t for t, name in enumerate(model.order)}
+    units = {u.name: u for u in model.units}
+    getitems = {n.name: n for n in old.nodes if n.target is operator.getitem}
+    copies: dict[str, list[tuple[int, int, fx.Node]]] = {name: [] for name in model.order}
+    aliases: dict[tuple[fx.Node, fx.Node | None], fx.Node] = {}
+    ops: dict[tuple[fx.Node, object], fx.Node] = {}
+
+    def storage_copy(name: str, t: int) -> fx.Node:
+        for start, end, copy in copies[name]:
+            if start <= t <= end:
+                return copy
+        raise ValueError(f"schedule error: {name} is needed at time {t} but not kept then")
+
+    def value(arg: fx.Node, t: int) -> fx.Node:
+        if arg in mapped:
+            return mapped[arg]
+        base = model.root.get(arg)
+        if base == arg.name and base in copies:
+            return storage_copy(base, t)
+        holder = storage_copy(base, t) if base is not None else None
+        key = (arg, holder)
+        if key not in aliases:
+            aliases[key] = emit(arg, t, arg.name)
+        return aliases[key]
+
+    def emit(node: fx.Node, t: int, name: str) -> fx.Node:
+        args = fx.node.map_arg(node.args, lambda a: value(a, t))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: value(a, t))
+        copy = new.create_node(node.op, node.target, args, kwargs, name=name)
+        copy.meta = dict(node.meta)
+        when[copy] = t
+        return copy
+
+    events = []
+    for name, spans in intervals.items():
+        for k, (start, end) in enumerate(spans):
+            # at a time, recomputations run before the node of that time (k > 0 sorts first)
+            events.append((start, 0 if k else 1, position[name], k, end))
+    for start, _, pos, k, end in sorted(events):
+        unit = units[model.order[pos]]
+        op_key = (unit.node, "first" if k == 0 else start)
+        if op_key not in ops:
+            ops[op_key] = emit(unit.node, start, unit.node.name if k == 0 else f"{unit.node.name}_recomputed")
+            if k:
+                ops[op_key].meta["recomputed"] = True
+        copy = ops[op_key]
+        if unit.index is not None:
+            name = unit.name if k == 0 else f"{unit.name}_recomputed"
+            taken = new.create_node("call_function", operator.getitem, (copy, unit.index), name=name)
+            taken.meta = dict(getitems[unit.name].meta)
+            when[taken] = start
+            copy = taken
+        copies[unit.name].append((start, end, copy))
+    last = len(model.order) - 1
+    output = next(n for n in old.nodes if n.op == "output")
+    out = new.output(fx.node.map_arg(output.args, lambda a: value(a, last)))
+    out.meta = dict(output.meta)
+    new._codegen = old._codegen
+    new.lint()
+    return new, when
+
+
+def liveness_profile(graph: fx.Graph) -> list[int]:
+    """Bytes of storage alive while each node of ``graph`` runs, each freed after its last
+    use (as fx's generated code and the Interpreter free them); outputs stay to the end. An
+    op's outputs are allocated when it runs."""
+    model = MemoryModel.from_graph(graph)
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use: dict[str, int] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            base = model.root.get(a)
+            if base is not None:
+                last_use[base] = max(last_use.get(base, 0), index[n])
+    end = len(nodes) - 1
+    for name in model.keep:
+        last_use[name] = end
+    delta = [0] * (len(nodes) + 1)
+    for unit in model.units:
+        mem = model.graph.nodes[unit.name]["mem"]
+        born = index[unit.node]
+        delta[born] += mem
+        delta[max(last_use.get(unit.name, born), born) + 1] -= mem
+    profile, running = [], 0
+    for i in range(len(nodes)):
+        running += delta[i]
+        profile.append(running)
+    return profile
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class Partition:
+    """What one partition produced: the memory model, the schedule and the realized graphs."""
+
+    model: MemoryModel
+    intervals: dict
+    joint: fx.Graph  # realized, before the split
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    saved: list[str]
+    simulated_peak: int  # bytes: peak of the realized step, freeing after last use
+    plain_peak: int  # bytes: peak of the step without recomputation
+    forward_end: int  # position in the order where the backward starts
+
+    @property
+    def recomputed(self) -> list[str]:
+        return [name for name, spans in self.intervals.items() for _ in spans[1:]]
+
+
+Planner = Callable[[MemoryModel], dict]
+
+
+def _boxed(gm: fx.GraphModule, example_inputs) -> Callable:
+    """Run a graph through the Interpreter in the boxed convention: arguments are released as
+    soon as their last use has run (the saved tensors in the backward, in particular)."""
+
+    def run(args: list) -> Any:
+        return fx.Interpreter(gm).boxed_run(args)
+
+    run._boxed_call = True
+    return run
+
+
+def _forward_end(joint: fx.Graph, model: MemoryModel) -> int:
+    """Position in the order of the first backward storage node (len(order) if none)."""
+    for t, unit in enumerate(model.units):
+        node = unit.node
+        if node.meta.get("partitioner_tag") == "is_backward":
+            return t
+        if any(a.op == "placeholder" and a.name.startswith("tangents") for a in node.all_input_nodes):
+            return t
+    return len(model.units)
+
+
+def partition(joint_module: fx.GraphModule, num_fwd_outputs: int, planner: Planner) -> Partition:
+    """Split AOTAutograd's joint graph into forward and backward graphs on ``planner``'s schedule."""
+    from torch._functorch.partitioners import _extract_fwd_bwd_modules
+
+    for node in joint_module.graph.nodes:
+        if node.op == "call_function" and is_mutating(node):
+            raise ValueError(
+                f"node {node.name} ({node.target}) mutates a tensor inside the training graph; "
+                "rematerialization needs a functional graph (make the operation out-of-place)"
+            )
+    model = MemoryModel.from_graph(joint_module.graph)
+    intervals = planner(model)
+    realized, when = realize(model, intervals)
+    boundary = _forward_end(joint_module.graph, model)
+    realized_gm = fx.GraphModule(joint_module, realized)
+    in_forward = {n for n, t in when.items() if t < boundary and not (n.op == "placeholder" and n.name.startswith("tangents"))}
+    saved = []
+    for n in realized.nodes:
+        if n in in_forward and n.op != "get_attr" and not _is_split(n):
+            if any(u not in in_forward and u.op != "output" for u in n.users):
+                saved.append(n)
+    output = next(n for n in realized.nodes if n.op == "output")
+    grads = output.args[0][num_fwd_outputs:]
+    for g in grads:
+        if isinstance(g, fx.Node) and g in in_forward and g not in saved and g.op != "get_attr":
+            saved.append(g)  # a gradient computed in the forward (e.g. of an unused input)
+    saved_tensors = [n for n in saved if isinstance(n.meta.get("val"), torch.Tensor)]
+    saved_symbols = [n for n in saved if not isinstance(n.meta.get("val"), torch.Tensor)]
+    forward, backward = _extract_fwd_bwd_modules(
+        realized_gm, saved_tensors, saved_symbols, num_fwd_outputs=num_fwd_outputs, ignore_must_be_in_fw_bw=True
+    )
+    for module in (forward, backward):
+        _remove_unused(module)
+    plain = max(liveness_profile(joint_module.graph), default=0)
+    simulated = max(liveness_profile(realized), default=0)
+    return Partition(model, intervals, realized, forward, backward, [n.name for n in saved], simulated, plain, boundary)
+
+
+def _remove_unused(gm: fx.GraphModule) -> None:
+    """Drop nodes nothing reads. The extraction keeps ops tagged random (attention without
+    dropout is tagged so) even where nothing reads them; such a node would run and hold its
+    outputs for nothing. The graphs here are functional, so dropping is safe."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op == "call_function" and not node.users and not is_mutating(node):
+                gm.graph.erase_node(node)
+                changed = True
+    gm.recompile()
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    return gm.code
+
+
+class _Interpreted(torch.nn.Module):
+    """Runs a GraphModule node by node with each node's metadata current, so the joint
+    graph's nodes carry the module path and stack trace of the node they came from."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, args, kwargs):
+        from rewrite.memory import flatten_inputs
+
+        with fx_traceback.preserve_node_meta():
+            out = fx.Interpreter(self.gm).run(*flatten_inputs(self.gm, args, kwargs))
+        return self.gm.graph._codegen.process_outputs(out)
+
+
+class ScheduledTraining:
+    """Runs a GraphModule's training calls through AOTAutograd with ``planner``'s schedule.
+
+    Compiled once per graph and input signature (shapes, dtypes, which tensors need
+    gradients); the planner is asked again for each, and ``partitions`` keeps what it chose.
+    Parameters and buffers are read from the module at each call, so the compiled step
+    follows the module's weights (and updates its batch-norm statistics in place).
+    """
+
+    def __init__(self, planner: Planner, on_compile: Callable[[str], None] | None = None):
+        self.planner = planner
+        self.on_compile = on_compile
+        self._compiled: dict[Any, Callable] = {}
+        self.partitions: dict[Any, Partition] = {}
+
+    def __deepcopy__(self, memo):
+        # compiled steps read every tensor from their arguments: a copy may share them
+        return self
+
+    def applies(self, gm: fx.GraphModule, args, kwargs) -> bool:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        return any(p.requires_grad for p in gm.parameters()) or any(t.requires_grad for t in tensors)
+
+    def _key(self, gm, state, leaves):
+        def describe(t):
+            if isinstance(t, torch.Tensor):
+                return (tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
+            return (type(t).__name__, t if isinstance(t, (int, float, bool, str, type(None))) else id(t))
+
+        return (graph_fingerprint(gm), tuple(state), tuple(describe(t) for t in [*state.values(), *leaves]))
+
+    def _compiled_for(self, gm: fx.GraphModule, args: tuple, kwargs: dict):
+        from torch._functorch.aot_autograd import aot_function
+
+        state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        key = self._key(gm, state, leaves)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            names, count = list(state), len(state)
+            interpreted = _Interpreted(gm)
+
+            def step(*flat):
+                call_args, call_kwargs = pytree.tree_unflatten(list(flat[count:]), spec)
+                state = {f"gm.{name}": t for name, t in zip(names, flat[:count])}
+                return torch.func.functional_call(interpreted, state, (call_args, call_kwargs))
+
+            def partition_fn(joint, _joint_inputs, *, num_fwd_outputs, **_ignored):
+                chosen = partition(joint, num_fwd_outputs, self.planner)
+                self.partitions[key] = chosen
+                return chosen.forward, chosen.backward
+
+            if self.on_compile:
+                self.on_compile("tracing the training step (forward + backward)")
+            compiled = aot_function(
+                step, fw_compiler=_boxed, bw_compiler=_boxed, partition_fn=partition_fn, num_params_buffers=count
+            )
+            self._compiled[key] = compiled
+        return key, compiled, [*state.values(), *leaves]
+
+    def prepare(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Partition:
+        """Trace, plan and compile the step for these inputs without changing anything: the
+        forward runs once (AOTAutograd compiles on a call) with the random state forked and
+        the buffers restored afterwards. Returns the partition the planner chose."""
+        key, compiled, flat = self._compiled_for(gm, args, kwargs)
+        if key not in self.partitions:
+            buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    compiled(*flat)
+            finally:
+                with torch.no_grad():
+                    for tensor, value in buffers:
+                        tensor.copy_(value)
+        return self.partitions[key]
+
+    def __call__(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+        _, compiled, flat = self._compiled_for(gm, args, kwargs)
+        return compiled(*flat)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class _LiveStorage(TorchDispatchMode):
+    """Counts the bytes of storages created by ops while active, until each storage dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.device.type != "meta"
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not isinstance(t, FakeTensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                # a view of an input (or of a tensor that existed before) is not an allocation
+                if key and key not in self._seen and key not in inputs:
+                    self._seen.add(key)
+                    nbytes = storage.nbytes()
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+def measure_peak(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak bytes of the tensors ``fn`` allocates and holds at once (its intermediates; what
+    existed before, such as parameters and inputs, is not counted). On CUDA this is
+    ``max_memory_allocated`` above the memory in use when ``fn`` starts."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    tracker = _LiveStorage()
+    with tracker:
+        fn()
+    return tracker.peak
