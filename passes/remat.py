@@ -78,8 +78,8 @@ class _Planner:
     """Solves one memory model under the pass's budget; remembers what it decided."""
 
     remat: Remat
-    progress: object = None
     schedules: list = field(default_factory=list)
+    _solved: dict = field(default_factory=dict)  # problem -> schedule: the same step traced again
 
     def budget_bytes(self, plain_peak: int) -> int:
         budget = self.remat.budget
@@ -93,11 +93,17 @@ class _Planner:
         plain = model.plain_intervals()
         plain_peak = max(model.profile(plain), default=0)
         budget = self.budget_bytes(plain_peak)
-        if self.progress:
-            self.progress(
-                f"remat: solving {len(model.order)} tensors, budget {format_bytes(budget)} "
-                f"(the step without remat peaks at {format_bytes(plain_peak)}), up to {self.remat.time_limit:g} s"
-            )
+        problem = (
+            tuple(model.order),
+            tuple(sorted(model.graph.edges)),
+            tuple((n, d["mem"], d["cost"], d["recompute"]) for n, d in model.graph.nodes(data=True)),
+            tuple(sorted(model.keep)),
+            budget,
+        )
+        if problem in self._solved:
+            schedule = self._solved[problem]
+            self.schedules.append((model, schedule, plain_peak))
+            return schedule.intervals
         schedule = moccasin.solve(
             model.graph,
             model.order,
@@ -110,6 +116,7 @@ class _Planner:
         self.schedules.append((model, schedule, plain_peak))
         if not schedule.has_schedule:
             raise RematError(self.explain(schedule, plain_peak))
+        self._solved[problem] = schedule
         return schedule.intervals
 
     def explain(self, schedule, plain_peak: int) -> str:
@@ -150,7 +157,10 @@ class Remat(Pass):
         if self.graph not in ("training", "inference"):
             raise ValueError(f"option graph={self.graph!r}: choose 'training' or 'inference'")
         if isinstance(self.budget, str):
-            parse_size(self.budget)
+            try:
+                parse_size(self.budget)
+            except ValueError as exc:
+                raise ValueError(f"option budget={self.budget!r}: {exc}") from None
         elif not 0 < self.budget:
             raise ValueError(f"option budget={self.budget!r}: a fraction must be above 0 (e.g. 0.5)")
         if self.time_limit <= 0:
@@ -202,7 +212,7 @@ class Remat(Pass):
             restore()
         _, schedule, plain_peak = planner.schedules[-1]
         # Later calls with other shapes are planned again; tell the user when that happens.
-        step.planner.progress = _stderr_note
+        step.on_compile = _stderr_note
         gm.meta["training_step"] = step
         result = self._describe(part, schedule, plain_peak)
         result.figures["measured_peak_before"] = format_bytes(measured_before)

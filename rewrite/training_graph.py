@@ -122,8 +122,17 @@ class MemoryModel:
     def from_graph(cls, fx_graph: fx.Graph) -> MemoryModel:
         root: dict[fx.Node, str | None] = {}
         units: list[Unit] = []
+        # The gradients coming into the backward are made contiguous inside the step (a
+        # scalar loss's is an expanded scalar outside it): a storage from their first use on.
+        pending = {n for n in fx_graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")}
         for node in fx_graph.nodes:
-            if node.op in ("placeholder", "get_attr", "output"):
+            for a in node.all_input_nodes:
+                if a in pending:
+                    pending.discard(a)
+                    units.append(Unit(a.name, a))
+            if node.op == "placeholder" and node.name.startswith("tangents"):
+                root[node] = node.name
+            elif node.op in ("placeholder", "get_attr", "output"):
                 root[node] = None
             elif node.target is operator.getitem and _is_split(node.args[0]):
                 root[node] = node.name  # a unit of its own, added with its op below
@@ -142,6 +151,9 @@ class MemoryModel:
         flops: dict[str, int] = {}
         for unit in units:
             node = unit.node
+            if node.op == "placeholder":
+                graph.add_node(unit.name, mem=node_bytes(node), cost=0, recompute=False)
+                continue
             moved = node_bytes(node) + sum(node_bytes(a) for a in _inputs(node))
             if node.name not in flops:
                 try:
@@ -246,6 +258,9 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
             events.append((start, 0 if k else 1, position[name], k, end))
     for start, _, pos, k, end in sorted(events):
         unit = units[model.order[pos]]
+        if unit.node.op == "placeholder":  # an incoming gradient: there from its first use
+            copies[unit.name].append((start, end, mapped[unit.node]))
+            continue
         op_key = (unit.node, "first" if k == 0 else start)
         if op_key not in ops:
             ops[op_key] = emit(unit.node, start, unit.node.name if k == 0 else f"{unit.node.name}_recomputed")
@@ -261,7 +276,7 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
         copies[unit.name].append((start, end, copy))
     last = len(model.order) - 1
     output = next(n for n in old.nodes if n.op == "output")
-    out = new.output(fx.node.map_arg(output.args, lambda a: value(a, last)))
+    out = new.output(fx.node.map_arg(output.args[0], lambda a: value(a, last)))
     out.meta = dict(output.meta)
     new._codegen = old._codegen
     new.lint()
@@ -285,9 +300,13 @@ def liveness_profile(graph: fx.Graph) -> list[int]:
     for name in model.keep:
         last_use[name] = end
     delta = [0] * (len(nodes) + 1)
+    first_use = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            first_use.setdefault(a, index[n])
     for unit in model.units:
         mem = model.graph.nodes[unit.name]["mem"]
-        born = index[unit.node]
+        born = first_use.get(unit.node, index[unit.node]) if unit.node.op == "placeholder" else index[unit.node]
         delta[born] += mem
         delta[max(last_use.get(unit.name, born), born) + 1] -= mem
     profile, running = [], 0
@@ -412,8 +431,8 @@ class _Interpreted(torch.nn.Module):
         from rewrite.memory import flatten_inputs
 
         with fx_traceback.preserve_node_meta():
-            out = fx.Interpreter(self.gm).run(*flatten_inputs(self.gm, args, kwargs))
-        return self.gm.graph._codegen.process_outputs(out)
+            # the graph's flat outputs: the caller rebuilds the model's output structure
+            return fx.Interpreter(self.gm).run(*flatten_inputs(self.gm, args, kwargs), enable_io_processing=False)
 
 
 class ScheduledTraining:
@@ -470,8 +489,6 @@ class ScheduledTraining:
                 self.partitions[key] = chosen
                 return chosen.forward, chosen.backward
 
-            if self.on_compile:
-                self.on_compile("tracing the training step (forward + backward)")
             compiled = aot_function(
                 step, fw_compiler=_boxed, bw_compiler=_boxed, partition_fn=partition_fn, num_params_buffers=count
             )
@@ -495,8 +512,11 @@ class ScheduledTraining:
         return self.partitions[key]
 
     def __call__(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
-        _, compiled, flat = self._compiled_for(gm, args, kwargs)
-        return compiled(*flat)
+        key, compiled, flat = self._compiled_for(gm, args, kwargs)
+        if key not in self.partitions and self.on_compile:
+            self.on_compile("remat: new input shapes or graph: tracing and planning the training step again")
+        out = compiled(*flat)
+        return gm.graph._codegen.process_outputs(out)
 
 
 # --------------------------------------------------------------------------- measuring

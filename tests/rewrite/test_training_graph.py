@@ -1,0 +1,289 @@
+"""rewrite.training_graph on graphs small enough to check by hand: which nodes own memory, the
+liveness simulation, writing a schedule back out as a graph, and the live-storage tracker."""
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from rewrite import zoo
+from rewrite.capture import capture
+from rewrite.training_graph import (
+    MemoryModel,
+    ScheduledTraining,
+    is_alias,
+    is_random,
+    liveness_profile,
+    measure_peak,
+    realize,
+)
+from solvers.schedule import validate
+
+aten = torch.ops.aten
+MiB = 2**20
+
+
+def _views_and_a_two_output_op(x, w):
+    y = torch.mm(x, w)  # 4x5 float32: 80 bytes
+    t = y.t()  # a view of y: an output, so y lasts to the end
+    first, _ = torch.split(y, 2, dim=0)  # views of y
+    z = first * 2  # 2x5: 40 bytes
+    values, indices = torch.max(t, dim=1)  # two outputs: 5 float32 (20 bytes), 5 int64 (40 bytes)
+    out = values + z.sum()  # sum: 4 bytes; out: 20 bytes
+    return out, t, indices
+
+
+@pytest.fixture
+def hand_graph():
+    return make_fx(_views_and_a_two_output_op)(torch.randn(4, 3), torch.randn(3, 5))
+
+
+def _node(gm, target, index=None):
+    found = [n for n in gm.graph.nodes if n.target is target]
+    if index is not None:
+        found = [n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0] is found[0] and n.args[1] == index]
+    assert len(found) == 1, (target, index, found)
+    return found[0]
+
+
+def _flat_inputs(graph: fx.Graph, seed: int = 0) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            val = n.meta["val"]
+            values.append(torch.randn(val.shape, generator=gen, dtype=val.dtype) if val.is_floating_point() else val.clone())
+    return values
+
+
+def _run_flat(graph: fx.Graph, inputs: list):
+    """Run a graph on flat placeholder values, returning the output node's raw value."""
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    return fx.Interpreter(gm).run(*inputs, enable_io_processing=False)
+
+
+# --------------------------------------------------------------------------- MemoryModel
+
+
+def test_views_own_no_memory_and_each_output_of_a_multi_output_op_is_a_unit(hand_graph):
+    model = MemoryModel.from_graph(hand_graph.graph)
+    mm, mul, sum_, add = (_node(hand_graph, t) for t in (aten.mm.default, aten.mul.Tensor, aten.sum.default, aten.add.Tensor))
+    max_op = _node(hand_graph, aten.max.dim)
+    values, indices = _node(hand_graph, aten.max.dim, 0), _node(hand_graph, aten.max.dim, 1)
+
+    # Units: the allocating ops, one per getitem of max; no view (t, split, split's getitems).
+    assert set(model.order) == {mm.name, mul.name, sum_.name, add.name, values.name, indices.name}
+    assert len(model.order) == len(model.units)
+    for view in (_node(hand_graph, aten.t.default), _node(hand_graph, aten.split.Tensor)):
+        assert is_alias(view) and model.root[view] == mm.name
+    for split_part in (n for n in hand_graph.graph.nodes if n.target is operator.getitem and n.args[0].target is aten.split.Tensor):
+        assert model.root[split_part] == mm.name
+    mem = {name: model.graph.nodes[name]["mem"] for name in model.order}
+    assert mem == {mm.name: 80, mul.name: 40, sum_.name: 4, add.name: 20, values.name: 20, indices.name: 40}
+
+    # max's two outputs: separate units at consecutive positions (largest first) of one op.
+    parts = [u for u in model.units if u.node is max_op]
+    assert [(u.name, u.index) for u in parts] == [(indices.name, 1), (values.name, 0)]
+    position = {name: t for t, name in enumerate(model.order)}
+    assert position[values.name] == position[indices.name] + 1
+
+    # Edges go through views to the storage they alias.
+    assert set(model.graph.edges) == {
+        (mm.name, mul.name),  # mul reads split's view of mm
+        (mm.name, values.name),  # max reads t, a view of mm
+        (mm.name, indices.name),
+        (mul.name, sum_.name),
+        (values.name, add.name),
+        (sum_.name, add.name),
+    }
+    # keep: what the outputs live in (t is a view of mm, so mm stays to the end).
+    assert model.keep == {add.name, mm.name, indices.name}
+    assert all(model.graph.nodes[n]["cost"] > 0 and model.graph.nodes[n]["recompute"] for n in model.order)
+    validate(model.graph, model.order, model.plain_intervals(), keep=model.keep)
+
+
+def test_liveness_profile_of_a_hand_graph(hand_graph):
+    # nodes: x, w, mm, t, split, getitem, getitem_1, mul, max, getitem, getitem, sum, add, output
+    expected = [0, 0, 80, 80, 80, 80, 80, 120, 180, 180, 180, 184, 164, 140]
+    #                  mm ---------------------------------------------- (kept: t is an output)
+    #                                      mul ---------------- (freed after sum)
+    #                                           max's outputs: values freed after add, indices kept
+    assert liveness_profile(hand_graph.graph) == expected
+
+
+def test_plain_interval_profile_agrees_with_the_liveness_profile(hand_graph):
+    model = MemoryModel.from_graph(hand_graph.graph)
+    assert max(model.profile(model.plain_intervals())) == max(liveness_profile(hand_graph.graph))
+
+
+def test_random_and_alias_classification():
+    def f(x):
+        dropped, _ = aten.native_dropout(x, 0.5, True)
+        kept, _ = aten.native_dropout(x, 0.0, True)  # p=0: deterministic
+        off, _ = aten.native_dropout(x, 0.5, False)  # not training: deterministic
+        return dropped.view(-1), kept, off, torch.rand(3), x.t()
+
+    gm = make_fx(f)(torch.randn(4, 4))
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    dropouts = [n for n in nodes if n.target is aten.native_dropout.default]
+    assert [is_random(n) for n in dropouts] == [True, False, False]
+    assert is_random(next(n for n in nodes if n.target is aten.rand.default))
+    assert is_alias(next(n for n in nodes if n.target is aten.view.default))
+    assert is_alias(next(n for n in nodes if n.target is aten.t.default))
+    assert not any(is_alias(n) for n in dropouts)
+
+
+# --------------------------------------------------------------------------- realize
+
+
+def test_realize_plain_schedule_gives_the_same_graph_outputs(hand_graph):
+    model = MemoryModel.from_graph(hand_graph.graph)
+    realized, when = realize(model, model.plain_intervals())
+    realized.lint()
+    assert not any(n.meta.get("recomputed") for n in realized.nodes)
+    assert not any(n.name.endswith("_recomputed") for n in realized.nodes)
+    inputs = [torch.randn(4, 3), torch.randn(3, 5)]
+    want = hand_graph(*inputs)
+    got = fx.GraphModule(hand_graph, realized)(*inputs)
+    assert isinstance(got, tuple) and len(got) == len(want)  # same output structure
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # views are re-taken where they are read (unused ones dropped), so compare the peak
+    assert max(liveness_profile(realized)) == max(liveness_profile(hand_graph.graph))
+
+
+def _chain(x):
+    a = torch.sin(x)
+    b = torch.cos(a).repeat(4)  # four times a's size
+    c = torch.exp(b)
+    d = torch.tanh(c).sum()
+    return d + a  # `a` is read again at the end: keeping or recomputing it is a choice
+
+
+def test_realize_a_recomputation_copies_the_op_where_the_schedule_says():
+    gm = make_fx(_chain)(torch.randn(64))
+    model = MemoryModel.from_graph(gm.graph)
+    names = {u.node.target: u.name for u in model.units}
+    sin = names[aten.sin.default]
+    position = {name: t for t, name in enumerate(model.order)}
+    intervals = model.plain_intervals()
+    add = position[names[aten.add.Tensor]]
+    # sin: computed, read by cos, dropped, recomputed just before the add that reads it again.
+    intervals[sin] = [(position[sin], position[names[aten.cos.default]]), (add, add)]
+    validate(model.graph, model.order, intervals, keep=model.keep)
+    realized, when = realize(model, intervals)
+    realized.lint()
+    copies = [n for n in realized.nodes if n.target is aten.sin.default]
+    assert [n.name.endswith("_recomputed") for n in copies] == [False, True]
+    assert copies[1].meta.get("recomputed") is True
+    add_node = next(n for n in realized.nodes if n.target is aten.add.Tensor)
+    assert copies[1] in add_node.all_input_nodes and copies[0] not in add_node.all_input_nodes
+    assert when[copies[1]] == add
+    x = torch.randn(64)
+    torch.testing.assert_close(fx.GraphModule(gm, realized)(x), gm(x), rtol=0, atol=0)
+    # the recomputation lowers the simulated peak: a no longer lives across exp and tanh
+    assert max(liveness_profile(realized)) < max(liveness_profile(gm.graph))
+    assert max(liveness_profile(realized)) == max(model.profile(intervals))
+
+
+def test_realize_rejects_a_schedule_that_drops_a_needed_tensor():
+    gm = make_fx(_chain)(torch.randn(8))
+    model = MemoryModel.from_graph(gm.graph)
+    sin = next(u.name for u in model.units if u.node.target is aten.sin.default)
+    intervals = model.plain_intervals()
+    intervals[sin] = [(intervals[sin][0][0], intervals[sin][0][0] + 1)]  # not alive at the add
+    with pytest.raises(ValueError, match=sin):
+        realize(model, intervals)
+
+
+# --------------------------------------------------------------------------- traced joint graph
+
+
+def _plain_planner(seen: dict):
+    def plan(model: MemoryModel) -> dict:
+        seen["model"] = model
+        return model.plain_intervals()
+
+    return plan
+
+
+def test_joint_graph_memory_model_and_plain_realization():
+    torch.manual_seed(0)
+    model = zoo.mlp(in_features=16, hidden=32, depth=2, classes=4)
+    x = torch.randn(64, 16)
+    gm = capture(model, (x,), None, mode="train").graph_module
+    seen = {}
+    step = ScheduledTraining(_plain_planner(seen))
+    part = step.prepare(gm, (x,), {})
+    memory = seen["model"]
+    joint = memory.fx_graph
+
+    # aliases (views, transposes, getitems of views) own no memory
+    for node in joint.nodes:
+        if is_alias(node) and not (node.target is operator.getitem and node.name in memory.graph):
+            assert node.name not in memory.graph
+    # every output of the joint graph (forward outputs and gradients) is kept to the end
+    output = next(n for n in joint.nodes if n.op == "output")
+    outs = [a for a in output.all_input_nodes if memory.root.get(a) is not None]
+    assert outs and memory.keep == {memory.root[a] for a in outs}
+    # native_layer_norm's outputs are separate units
+    norm_units = [u for u in memory.units if u.node.target is aten.native_layer_norm.default]
+    assert norm_units and all(u.index is not None for u in norm_units)
+
+    # the plain schedule: nothing recomputed, the realized graph computes what the joint does
+    assert part.recomputed == []
+    assert not any(n.meta.get("recomputed") for n in part.joint.nodes)
+    assert part.simulated_peak == part.plain_peak == max(liveness_profile(joint))
+    inputs = _flat_inputs(joint)
+    want = _run_flat(joint, inputs)
+    got = _run_flat(part.joint, inputs)
+    want_flat = [t for t in torch.utils._pytree.tree_leaves(want)]
+    got_flat = [t for t in torch.utils._pytree.tree_leaves(got)]
+    assert len(got_flat) == len(want_flat)
+    for g, w in zip(got_flat, want_flat):
+        if isinstance(w, torch.Tensor):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+    # and the compiled step trains like the model
+    params = list(gm.parameters())
+    weight = torch.randn(64, 4)
+    got_grads = torch.autograd.grad((step(gm, (x,), {}) * weight).sum(), params)
+    want_grads = torch.autograd.grad((model(x) * weight).sum(), list(model.parameters()))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- measure_peak
+
+
+def test_measure_peak_of_known_allocations():
+    def free_then_allocate():
+        a = torch.empty(4 * MiB, dtype=torch.uint8)
+        del a
+        b = torch.empty(8 * MiB, dtype=torch.uint8)
+        del b
+
+    def hold_then_allocate():
+        a = torch.empty(MiB, dtype=torch.float32)  # 4 MiB
+        b = torch.empty(2 * MiB, dtype=torch.float32)  # 8 MiB, while a is alive
+        return a, b
+
+    assert measure_peak(free_then_allocate) == 8 * MiB
+    assert measure_peak(hold_then_allocate) == 12 * MiB
+
+
+def test_measure_peak_ignores_views_in_place_ops_and_what_existed_before():
+    existing = torch.zeros(MiB, dtype=torch.float32)
+
+    def fn():
+        v = existing.view(-1, 16)  # a view: no allocation
+        existing.add_(1)  # in place: no allocation
+        v.t()
+        c = existing * 2  # 4 MiB
+        c.mul_(3)
+        del c
+        return torch.ones(MiB // 2, dtype=torch.float32)  # 2 MiB
+
+    assert measure_peak(fn) == 4 * MiB
