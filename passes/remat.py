@@ -85,7 +85,7 @@ class _Planner:
         budget = self.remat.budget
         if isinstance(budget, str):
             return parse_size(budget)
-        return int(math.floor(budget * plain_peak))
+        return math.floor(budget * plain_peak)
 
     def __call__(self, model: MemoryModel) -> dict:
         from solvers import moccasin
@@ -223,43 +223,19 @@ class Remat(Pass):
     def _describe(self, part: Partition, schedule, plain_peak: int) -> PassResult:
         model = part.model
         result = PassResult()
-        nodes = {u.name: u.node for u in model.units}
-        position_node = {t: name for t, name in enumerate(model.order)}
-        forward_end = part.forward_end
-        recomputed_flops = recomputed_cost = 0
-        counted = set()
-        for name, spans in part.intervals.items():
-            node = nodes[name]
-            for start, _ in spans[1:]:
-                if (node, start) not in counted:  # outputs of one op recomputed together run it once
-                    counted.add((node, start))
-                    recomputed_flops += model.flops.get(node.name, 0)
-                    recomputed_cost += model.graph.nodes[name]["cost"]
-                phase = "backward" if start >= forward_end else "forward"
-                result.changes.append(
-                    Change(
-                        node=name,
-                        where=module_path(node),
-                        before=op_name(node),
-                        after="recomputed",
-                        detail=f"{format_bytes(model.graph.nodes[name]['mem'])}, recomputed in the {phase} before {position_node[start]}",
-                    )
-                )
+        recomputed_flops, recomputed_cost = _list_recomputations(result, model, part.intervals, part.forward_end)
         for node in {u.node: None for u in model.units}:
             if is_random(node):
                 result.skipped.append(
                     Skip(node.name, module_path(node), op_name(node), "random op: never recomputed (a new draw would differ)")
                 )
-        total_flops = model.total_flops()
-        total_cost = sum(model.graph.nodes[u.name]["cost"] for u in model.units if u.index in (None, model_first_index(model, u)))
-        before_curve = liveness_profile_of_plain(model)
-        after_curve = liveness_profile(part.joint)
+        total_flops, total_cost = model.total_flops(), model.total_cost()
         result.figures.update(
             {
                 "budget": format_bytes(schedule.budget),
                 "simulated_peak_before": format_bytes(plain_peak),
                 "simulated_peak_after": format_bytes(part.simulated_peak),
-                "solver": f"moccasin {schedule.status}, {schedule.seconds:.2f} s",
+                "solver": _solver_text(schedule),
                 "recompute_cost": f"{schedule.objective:.4g} (bound {schedule.bound:.4g})"
                 if schedule.objective is not None
                 else "none",
@@ -272,10 +248,9 @@ class Remat(Pass):
             }
         )
         result.series = {
-            "memory_before": _downsample(before_curve),
-            "memory_after": _downsample(after_curve),
+            "memory_before": _downsample(liveness_profile(model.fx_graph)),
+            "memory_after": _downsample(liveness_profile(part.joint)),
             "budget": schedule.budget,
-            "forward_end_before": round(forward_end / max(len(model.order), 1), 4),
         }
         return result
 
@@ -298,40 +273,59 @@ class Remat(Pass):
             measured_after = measure_peak(lambda: gm(*ctx.example_args, **ctx.example_kwargs))
         part_curve = liveness_profile(gm.graph)
         result = PassResult()
-        nodes = {u.name: u.node for u in model.units}
-        for name, spans in intervals.items():
-            for start, _ in spans[1:]:
-                node = nodes[name]
-                result.changes.append(
-                    Change(name, module_path(node), op_name(node), "recomputed",
-                           f"{format_bytes(model.graph.nodes[name]['mem'])}, recomputed before {model.order[start]}")  # fmt: skip
-                )
+        _list_recomputations(result, model, intervals, None)
         result.figures.update(
             {
                 "budget": format_bytes(schedule.budget),
                 "simulated_peak_before": format_bytes(plain_peak),
                 "simulated_peak_after": format_bytes(max(part_curve, default=0)),
-                "solver": f"moccasin {schedule.status}, {schedule.seconds:.2f} s",
+                "solver": _solver_text(schedule),
                 "recomputed_tensors": len(result.changes),
                 "measured_peak_before": format_bytes(measured_before),
                 "measured_peak_after": format_bytes(measured_after),
             }
         )
         result.series = {
-            "memory_before": _downsample(liveness_profile_of_plain(model)),
+            "memory_before": _downsample(liveness_profile(model.fx_graph)),
             "memory_after": _downsample(part_curve),
             "budget": schedule.budget,
         }
         return result
 
 
-def model_first_index(model: MemoryModel, unit) -> int | None:
-    """The index of the first unit of ``unit``'s op (its cost counts the op once)."""
-    return next(u.index for u in model.units if u.node is unit.node)
+def _list_recomputations(result: PassResult, model: MemoryModel, intervals: dict, forward_end: int | None):
+    """One Change per recomputed tensor; returns the FLOPs and the cost the recomputations add
+    (the outputs of one op recomputed at one time count once)."""
+    nodes = {u.name: u.node for u in model.units}
+    flops = cost = 0
+    runs = set()
+    for name, spans in intervals.items():
+        node = nodes[name]
+        for start, _ in spans[1:]:
+            if (node, start) not in runs:
+                runs.add((node, start))
+                flops += model.flops.get(node.name, 0)
+                cost += model.graph.nodes[name]["cost"]
+            phase = "" if forward_end is None else (" in the backward" if start >= forward_end else " in the forward")
+            result.changes.append(
+                Change(
+                    node=name,
+                    where=module_path(node),
+                    before=op_name(node),
+                    after="recomputed",
+                    detail=f"{format_bytes(model.graph.nodes[name]['mem'])}, recomputed{phase} before {model.order[start]}",
+                )
+            )
+    return flops, cost
 
 
-def liveness_profile_of_plain(model: MemoryModel) -> list[int]:
-    return liveness_profile(model.fx_graph)
+def _solver_text(schedule) -> str:
+    """'moccasin optimal, 1.2 s' or, when optimality is not proved, the gap to the bound."""
+    text = f"moccasin {schedule.status}, {schedule.seconds:.2f} s"
+    if schedule.status == "feasible" and schedule.objective:
+        bound = max(schedule.bound or 0.0, 0.0)
+        text += f", gap {(schedule.objective - bound) / schedule.objective:.0%} to the proved bound (time limit reached)"
+    return text
 
 
 def _train_step(forward, params: list[torch.Tensor]) -> None:

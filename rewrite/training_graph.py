@@ -190,6 +190,11 @@ class MemoryModel:
     def total_flops(self) -> int:
         return sum(self.flops.values())
 
+    def total_cost(self) -> float:
+        """The cost of running every op once (an op with several outputs counts once)."""
+        ops = {u.node: self.graph.nodes[u.name]["cost"] for u in self.units}
+        return sum(ops.values())
+
 
 def _is_split(node) -> bool:
     """A multi-output op whose outputs are only taken apart with getitem."""
@@ -381,9 +386,9 @@ def partition(joint_module: fx.GraphModule, num_fwd_outputs: int, planner: Plann
     in_forward = {n for n, t in when.items() if t < boundary and not (n.op == "placeholder" and n.name.startswith("tangents"))}
     saved = []
     for n in realized.nodes:
-        if n in in_forward and n.op != "get_attr" and not _is_split(n):
-            if any(u not in in_forward and u.op != "output" for u in n.users):
-                saved.append(n)
+        crosses = any(u not in in_forward and u.op != "output" for u in n.users)
+        if n in in_forward and n.op != "get_attr" and not _is_split(n) and crosses:
+            saved.append(n)
     output = next(n for n in realized.nodes if n.op == "output")
     grads = output.args[0][num_fwd_outputs:]
     for g in grads:
