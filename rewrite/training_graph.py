@@ -119,7 +119,10 @@ class MemoryModel:
     flops: dict[str, int] = field(default_factory=dict)  # per op (the first unit of an op)
 
     @classmethod
-    def from_graph(cls, fx_graph: fx.Graph) -> MemoryModel:
+    def from_graph(cls, fx_graph: fx.Graph, mutable_inputs: frozenset[str] = frozenset()) -> MemoryModel:
+        """``mutable_inputs``: placeholders the step may update in place (buffers such as
+        batch-norm statistics); an op that reads one is never recomputed, since by the
+        backward the input holds its new value."""
         root: dict[fx.Node, str | None] = {}
         units: list[Unit] = []
         # The gradients coming into the backward are made contiguous inside the step (a
@@ -165,7 +168,7 @@ class MemoryModel:
                 unit.name,
                 mem=mem,
                 cost=max(flops[node.name], FLOPS_PER_BYTE * moved),
-                recompute=not is_random(node),
+                recompute=_recomputable(unit, mutable_inputs),
             )
         for unit in units:
             for a in _inputs(unit.node):
@@ -194,6 +197,48 @@ class MemoryModel:
         """The cost of running every op once (an op with several outputs counts once)."""
         ops = {u.node: self.graph.nodes[u.name]["cost"] for u in self.units}
         return sum(ops.values())
+
+
+_BATCH_NORM = aten._native_batch_norm_legit_functional.default
+
+
+def _is_training_batch_norm(node: fx.Node) -> bool:
+    return node.target is _BATCH_NORM and bool(node.args[5])
+
+
+def _recomputable(unit: Unit, mutable_inputs: frozenset[str]) -> bool:
+    node = unit.node
+    if is_random(node):
+        return False
+    if _is_training_batch_norm(node):
+        # Its output and batch statistics (outputs 0-2) do not depend on the running
+        # statistics, which the step updates in place: a recomputation runs the op without
+        # them (see ``_recomputation``). The updated statistics themselves are not recomputed.
+        return unit.index is not None and unit.index < 3
+    return not _reads_any(node, mutable_inputs)
+
+
+def _recomputation(node: fx.Node, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """The op, arguments and keyword arguments that recompute ``node``'s outputs."""
+    if _is_training_batch_norm(node):
+        x, weight, bias, _mean, _var, training, momentum, eps = args
+        return aten._native_batch_norm_legit.no_stats, (x, weight, bias, training, momentum, eps), kwargs
+    return node.target, args, kwargs
+
+
+def _reads_any(node: fx.Node, placeholders: frozenset[str]) -> bool:
+    """Whether ``node`` reads one of ``placeholders`` directly or through views."""
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        a = stack.pop()
+        if a in seen:
+            continue
+        seen.add(a)
+        if a.op == "placeholder" and a.name in placeholders:
+            return True
+        if is_alias(a):
+            stack.extend(a.all_input_nodes)
+    return False
 
 
 def _is_split(node) -> bool:
@@ -248,10 +293,13 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
             aliases[key] = emit(arg, t, arg.name)
         return aliases[key]
 
-    def emit(node: fx.Node, t: int, name: str) -> fx.Node:
+    def emit(node: fx.Node, t: int, name: str, again: bool = False) -> fx.Node:
         args = fx.node.map_arg(node.args, lambda a: value(a, t))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: value(a, t))
-        copy = new.create_node(node.op, node.target, args, kwargs, name=name)
+        target = node.target
+        if again:
+            target, args, kwargs = _recomputation(node, args, kwargs)
+        copy = new.create_node(node.op, target, args, kwargs, name=name)
         copy.meta = dict(node.meta)
         when[copy] = t
         return copy
@@ -268,7 +316,7 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
             continue
         op_key = (unit.node, "first" if k == 0 else start)
         if op_key not in ops:
-            ops[op_key] = emit(unit.node, start, unit.node.name if k == 0 else f"{unit.node.name}_recomputed")
+            ops[op_key] = emit(unit.node, start, unit.node.name if k == 0 else f"{unit.node.name}_recomputed", again=k > 0)
             if k:
                 ops[op_key].meta["recomputed"] = True
         copy = ops[op_key]
@@ -368,7 +416,9 @@ def _forward_end(joint: fx.Graph, model: MemoryModel) -> int:
     return len(model.units)
 
 
-def partition(joint_module: fx.GraphModule, num_fwd_outputs: int, planner: Planner) -> Partition:
+def partition(
+    joint_module: fx.GraphModule, num_fwd_outputs: int, planner: Planner, mutable_inputs: frozenset[str] = frozenset()
+) -> Partition:
     """Split AOTAutograd's joint graph into forward and backward graphs on ``planner``'s schedule."""
     from torch._functorch.partitioners import _extract_fwd_bwd_modules
 
@@ -378,7 +428,7 @@ def partition(joint_module: fx.GraphModule, num_fwd_outputs: int, planner: Plann
                 f"node {node.name} ({node.target}) mutates a tensor inside the training graph; "
                 "rematerialization needs a functional graph (make the operation out-of-place)"
             )
-    model = MemoryModel.from_graph(joint_module.graph)
+    model = MemoryModel.from_graph(joint_module.graph, mutable_inputs)
     intervals = planner(model)
     realized, when = realize(model, intervals)
     boundary = _forward_end(joint_module.graph, model)
@@ -476,7 +526,8 @@ class ScheduledTraining:
     def _compiled_for(self, gm: fx.GraphModule, args: tuple, kwargs: dict):
         from torch._functorch.aot_autograd import aot_function
 
-        state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+        params = dict(gm.named_parameters())
+        state = {**params, **dict(gm.named_buffers())}
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         key = self._key(gm, state, leaves)
         compiled = self._compiled.get(key)
@@ -490,12 +541,18 @@ class ScheduledTraining:
                 return torch.func.functional_call(interpreted, state, (call_args, call_kwargs))
 
             def partition_fn(joint, _joint_inputs, *, num_fwd_outputs, **_ignored):
-                chosen = partition(joint, num_fwd_outputs, self.planner)
+                # AOTAutograd names the flat inputs primals_1, primals_2, ...: parameters, then buffers
+                buffers = frozenset(f"primals_{i + 1}" for i in range(len(params), count))
+                chosen = partition(joint, num_fwd_outputs, self.planner, buffers)
                 self.partitions[key] = chosen
                 return chosen.forward, chosen.backward
 
             compiled = aot_function(
-                step, fw_compiler=_boxed, bw_compiler=_boxed, partition_fn=partition_fn, num_params_buffers=count
+                step,
+                fw_compiler=_boxed,
+                bw_compiler=_boxed,
+                partition_fn=partition_fn,
+                num_params_buffers=count,
             )
             self._compiled[key] = compiled
         return key, compiled, [*state.values(), *leaves]

@@ -582,3 +582,26 @@ def test_running_remat_twice_is_refused(planned):
     p = planned("mlp")
     with pytest.raises(PassError, match="already has a remat schedule"):
         optimize(p.module, [Remat(budget=0.6, time_limit=TIME_LIMIT)], p.inputs, verify=False)
+
+
+def test_batch_norm_recomputed_in_the_backward_without_its_running_statistics():
+    """The running statistics are updated in place after the forward: a recomputation of a
+    training batch norm must not read them (it runs the op without statistics)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()) for _ in range(4)]
+    )
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 16, 32, 32)
+    m = optimize(model, [Remat(budget=0.75, time_limit=TIME_LIMIT)], (x,))
+    changes = m.report.passes[0].changes
+    assert any(c.before == "aten._native_batch_norm_legit_functional" for c in changes), [c.before for c in changes]
+    part = next(iter(m.meta["training_step"].partitions.values()))
+    recomputed = [n for n in part.joint.nodes if n.name.endswith("_recomputed") and n.op == "call_function"]
+    assert torch.ops.aten._native_batch_norm_legit.no_stats in {n.target for n in recomputed}
+    m(x).sum().backward()
+    reference(x).sum().backward()
+    for (name, got), want in zip(m.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for got, want in zip(m.buffers(), reference.buffers()):
+        torch.testing.assert_close(got, want)
