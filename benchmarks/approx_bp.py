@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rewrite import optimize, zoo  # noqa: E402
 from rewrite.memory import record_saved  # noqa: E402
 from rewrite.report import format_bytes  # noqa: E402
+from common import machine  # noqa: E402
 
 
 @dataclass
@@ -251,17 +251,6 @@ def task_results(device: str, steps: int) -> list[dict]:
 
 def _mean_std(values) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
