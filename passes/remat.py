@@ -324,7 +324,7 @@ def _solver_text(schedule) -> str:
     text = f"moccasin {schedule.status}, {schedule.seconds:.2f} s"
     if schedule.status == "feasible" and schedule.objective:
         bound = max(schedule.bound or 0.0, 0.0)
-        text += f", gap {(schedule.objective - bound) / schedule.objective:.0%} to the proved bound (time limit reached)"
+        text += f", gap {(schedule.objective - bound) / schedule.objective:.0%} to the proved bound"
     return text
 
 
