@@ -12,7 +12,8 @@ Constraints: a computation needs its inputs computed or kept in the same stage
 (``R[t, k] <= R[t, i] + S[t, i]``), a kept node was kept or computed in the stage before
 (``S[t+1, i] <= S[t, i] + R[t, i]``), and the memory after each computation in each stage,
 ``U[t, k] = U[t, k-1] + mem_k R[t, k] - sum_i mem_i FREE[t, i, k]``, stays within the budget.
-The objective is the cost of all computations beyond the first of each node. Solved with
+The objective is the cost of all computations beyond the first of each node. A node with
+``recompute=False`` is computed in its own stage only (``R[t, i] = 0`` for t > i). Solved with
 OR-Tools' MILP interface (SCIP by default).
 """
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import networkx as nx
 from ortools.linear_solver import pywraplp
 
-from solvers.schedule import ScheduleError, check_problem
+from solvers.schedule import ScheduleError, check_problem, recomputable
 
 _STATUS = {
     pywraplp.Solver.OPTIMAL: "optimal",
@@ -58,13 +59,17 @@ class StageSchedule:
 def stage_memory(graph: nx.DiGraph, order: list, compute: list, keep: list) -> list[int]:
     """Memory after each computation of each stage, counted as the MILP counts it (a node is
     freed right after its last user computed in the stage, unless kept into the next stage);
-    raises ScheduleError when a computation misses an input or a kept node was not there."""
+    raises ScheduleError when a computation misses an input, a kept node was not there, or a
+    node with ``recompute=False`` is recomputed."""
     n = len(order)
     profile = []
     for t in range(n):
         computed = list(compute[t])
         if not computed or computed[-1] != order[t]:
             raise ScheduleError(f"stage {t} must end by computing {order[t]!r}")
+        for node in computed[:-1]:
+            if not recomputable(graph, node):
+                raise ScheduleError(f"node {node!r} has recompute=False but is recomputed in stage {t}")
         kept_out = set(keep[t + 1]) if t + 1 < n else set()
         for node in keep[t]:
             if t == 0 or (node not in keep[t - 1] and node not in compute[t - 1]):
@@ -108,7 +113,8 @@ def solve(
         raise ScheduleError(f"the MILP backend {backend!r} is not available in this OR-Tools build")
     solver.SetTimeLimit(int(time_limit * 1000))
     solver.SetNumThreads(threads)
-    R = {(t, i): solver.BoolVar(f"R_{t}_{i}") for t in range(n) for i in range(t + 1)}
+    once = [not recomputable(graph, v) for v in order]
+    R = {(t, i): solver.IntVar(0, 0 if once[i] and i < t else 1, f"R_{t}_{i}") for t in range(n) for i in range(t + 1)}
     S = {(t, i): solver.BoolVar(f"S_{t}_{i}") for t in range(1, n) for i in range(t)}
     for t in range(n):
         solver.Add(R[t, t] == 1)

@@ -3,35 +3,51 @@
 Over a fixed topological order, each node v gets C retention intervals (``intervals_per_node``):
 the first is always present and starts at v's position; the others are optional, each a
 recomputation of v at its start. Variables are O(C n) integers and booleans, against the
-O(n^2) booleans of Checkmate's MILP.
+O(n^2) booleans of Checkmate's MILP. A node with ``recompute=False`` (or one that must stay to
+the end, or that nothing reads) gets its first interval only.
 
 - memory: one cumulative constraint over the present intervals, demand ``mem``, capacity the
   budget;
 - precedence: for every edge (u, v) and every present interval of v, some present interval
   of u covers the interval's start (v's inputs are alive when v is computed);
 - symmetry: interval i present implies interval i-1 present, and intervals are ordered;
+- domains: a recomputation starts no later than the last time anything can read the node
+  (its users' first computations or, recursively, their own latest recomputations), so a
+  chain of recomputations at one time is allowed and nothing useless is searched;
 - objective: the total ``cost`` of the present optional intervals.
 
-Solved in two phases as in the paper: first any schedule within the budget (the schedule
-without recomputation when it fits, else a greedy one, else CP-SAT without an objective), then
-the minimum cost with that schedule as a hint.
+Solved in two phases as in the paper: first any schedule within the budget, then the minimum
+cost with that schedule as a hint. Phase one takes the schedule without recomputation when it
+fits; else a local search (``greedy_schedule``, ``_Repair``) that repairs the memory profile
+of the plain schedule move by move, each move recomputing a tensor at a later time (its
+inputs supplied there by keeping them longer or by recomputing them too, a chain), chosen by
+overflow removed per unit of recomputation cost, with random kicks when it is stuck; else
+CP-SAT minimising the peak from the search's closest schedule, stopped once the peak is
+within the budget. CP-SAT alone takes minutes to find a first schedule on a thousand nodes,
+and improves a hint there only slowly; the local search takes well under a second on most
+such graphs.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
+import random
 import time
 
 import networkx as nx
+import numpy as np
 from ortools.sat.python import cp_model
 
 from solvers.schedule import (
     Schedule,
     ScheduleError,
     check_problem,
-    memory_profile,
     no_remat_intervals,
     peak_memory,
+    recomputable,
+    recompute_cost,
 )
 
 _STATUS = {
@@ -53,114 +69,158 @@ def _integer_costs(graph: nx.DiGraph) -> tuple[dict, float]:
     return {n: int(round(c * scale)) for n, c in costs.items()}, scale
 
 
+def interval_counts(graph: nx.DiGraph, order: list, intervals_per_node: int, keep=()) -> dict:
+    """How many intervals each node may have: one for nodes that are never recomputed (their
+    ``recompute`` is False, they stay to the end, or nothing reads them)."""
+    return {
+        node: intervals_per_node if graph.out_degree(node) and node not in keep and recomputable(graph, node) else 1
+        for node in order
+    }
+
+
+def latest_reads(graph: nx.DiGraph, order: list, counts: dict) -> dict:
+    """The last time anything can read each node: its users' positions or, for users that may
+    be recomputed, their own latest reads (a recomputation later than that serves nothing)."""
+    position = {node: t for t, node in enumerate(order)}
+    latest = {}
+    for node in reversed(order):
+        latest[node] = max(
+            (max(position[u], latest[u]) if counts[u] > 1 else position[u] for u in graph.successors(node)),
+            default=position[node],
+        )
+    return latest
+
+
 class _Model:
-    """The CP-SAT model for one problem; ``capacity`` is the budget, or a variable when the
-    smallest feasible budget is sought."""
+    """The CP-SAT model for one problem; ``capacity`` is the budget, or a variable in
+    [``budget``, total memory] minimised when ``minimize_budget`` (then ``budget`` may be 0)."""
 
     def __init__(self, graph, order, budget, intervals_per_node, keep, minimize_budget=False):
         self.graph, self.order = graph, order
-        self.position = {node: t for t, node in enumerate(order)}
-        n = len(order)
-        last = n - 1
+        self.position = position = {node: t for t, node in enumerate(order)}
+        last = len(order) - 1
         model = self.model = cp_model.CpModel()
         self.costs, self.scale = _integer_costs(graph)
-        self.starts, self.ends, self.present = {}, {}, {}
+        self.copies = interval_counts(graph, order, intervals_per_node, keep)
+        latest = latest_reads(graph, order, self.copies)
+        self.starts, self.ends, self.present, self.sizes = {}, {}, {}, {}
         intervals, demands = [], []
         for node in order:
-            pos = self.position[node]
-            users = [self.position[u] for u in graph.successors(node)]
-            last_use = last if node in keep else max(users, default=pos)
-            copies = intervals_per_node if users else 1
-            for i in range(copies):
+            pos = position[node]
+            for i in range(self.copies[node]):
                 if i == 0:
-                    start = model.NewConstant(pos)
-                    present = model.NewConstant(1)
-                    end = model.NewIntVar(pos, last, f"e_{node}_0")
-                    if node in keep:
-                        model.Add(end == last)
+                    start, present = pos, 1
+                    end = model.new_int_var(last if node in keep else pos, last if node in keep else latest[node],
+                                            f"e_{node}_0")  # fmt: skip
+                    interval = model.new_interval_var(pos, end - pos + 1, end + 1, f"i_{node}_0")
                 else:
-                    # A recomputation happens after the first computation and before the last use.
-                    present = model.NewBoolVar(f"p_{node}_{i}")
-                    start = model.NewIntVar(pos + 1, max(pos + 1, last_use), f"s_{node}_{i}")
-                    end = model.NewIntVar(pos + 1, last, f"e_{node}_{i}")
-                    previous_end = self.ends[node, i - 1]
-                    model.Add(start >= previous_end + 2).OnlyEnforceIf(present)
-                    model.AddImplication(present, self.present[node, i - 1])
+                    # A recomputation happens after the first computation and by the last read.
+                    present = model.new_bool_var(f"p_{node}_{i}")
+                    start = model.new_int_var(pos + 1, latest[node], f"s_{node}_{i}")
+                    end = model.new_int_var(pos + 1, latest[node], f"e_{node}_{i}")
+                    size = model.new_int_var(1, latest[node] - pos, f"d_{node}_{i}")
+                    model.add(size == end - start + 1)
+                    model.add(start >= self.ends[node, i - 1] + 2).only_enforce_if(present)
+                    model.add_implication(present, self.present[node, i - 1])
                     # Absent intervals are pinned, so they leave no freedom to search over.
-                    model.Add(start == pos + 1).OnlyEnforceIf(present.Not())
-                    model.Add(end == pos + 1).OnlyEnforceIf(present.Not())
-                model.Add(end >= start)
-                size = model.NewIntVar(1, n, f"d_{node}_{i}")
-                model.Add(size == end - start + 1)
-                exclusive_end = model.NewIntVar(1, n, f"x_{node}_{i}")
-                model.Add(exclusive_end == end + 1)
-                interval = model.NewOptionalIntervalVar(start, size, exclusive_end, present, f"i_{node}_{i}")
+                    model.add(start == pos + 1).only_enforce_if(~present)
+                    model.add(end == pos + 1).only_enforce_if(~present)
+                    interval = model.new_optional_interval_var(start, size, end + 1, present, f"i_{node}_{i}")
+                    self.sizes[node, i] = size
                 self.starts[node, i], self.ends[node, i], self.present[node, i] = start, end, present
                 intervals.append(interval)
                 demands.append(int(graph.nodes[node]["mem"]))
-        self.copies = {node: 1 + sum(1 for (m, i) in self.present if m == node and i > 0) for node in order}
         if minimize_budget:
             total = sum(int(graph.nodes[v]["mem"]) for v in order)
-            self.capacity = model.NewIntVar(0, max(total, 1), "capacity")
+            self.capacity = model.new_int_var(min(int(budget), total), max(total, 1), "capacity")
         else:
             self.capacity = int(budget)
-        model.AddCumulative(intervals, demands, self.capacity)
+        model.add_cumulative(intervals, demands, self.capacity)
+        self.covers = {}
         for u, v in graph.edges:
             for i in range(self.copies[v]):
-                options = []
-                for j in range(self.copies[u]):
-                    covers = model.NewBoolVar(f"c_{u}_{v}_{i}_{j}")
-                    model.AddImplication(covers, self.present[u, j])
-                    model.Add(self.starts[u, j] <= self.starts[v, i]).OnlyEnforceIf(covers)
-                    model.Add(self.ends[u, j] >= self.starts[v, i]).OnlyEnforceIf(covers)
-                    options.append(covers)
-                model.AddBoolOr(options).OnlyEnforceIf(self.present[v, i])
+                self._precedence(u, v, i)
         recompute = [self.present[node, i] * self.costs[node] for (node, i) in self.present if i > 0]
         self.cost = sum(recompute) if recompute else 0
         if minimize_budget:
-            model.Minimize(self.capacity)
+            model.minimize(self.capacity)
         else:
-            model.Minimize(self.cost)
+            model.minimize(self.cost)
+
+    def _precedence(self, u, v, i):
+        """Some interval of u covers the start of v's interval i (when that one is present).
+        u's first interval starts before v anyway, so only its end is compared; a later one
+        needs a boolean saying it is the one that covers."""
+        model, start, present = self.model, self.starts[v, i], self.present[v, i]
+        if self.copies[u] == 1:
+            constraint = model.add(self.ends[u, 0] >= start)
+            if i:
+                constraint.only_enforce_if(present)
+            return
+        options = []
+        for j in range(self.copies[u]):
+            covers = model.new_bool_var(f"c_{u}_{v}_{i}_{j}")
+            model.add(self.ends[u, j] >= start).only_enforce_if(covers)
+            if j:
+                model.add_implication(covers, self.present[u, j])
+                model.add(self.starts[u, j] <= start).only_enforce_if(covers)
+            self.covers[u, v, i, j] = covers
+            options.append(covers)
+        if i:
+            model.add_bool_or(options).only_enforce_if(present)
+        else:
+            model.add_bool_or(options)
 
     def hint(self, intervals: dict) -> None:
+        """Hint every variable from ``intervals`` (a schedule this model allows)."""
+        add = self.model.add_hint
+
+        def covering(node, t):
+            return next((j for j, (s, e) in enumerate(intervals[node]) if s <= t <= e), None)
+
         for node in self.order:
             spans = intervals[node]
+            pos = self.position[node]
             for i in range(self.copies[node]):
-                if i < len(spans):
-                    start, end = spans[i]
-                    if i:
-                        self.model.AddHint(self.present[node, i], 1)
-                        self.model.AddHint(self.starts[node, i], start)
-                    self.model.AddHint(self.ends[node, i], end)
-                elif i:
-                    self.model.AddHint(self.present[node, i], 0)
+                present = i < len(spans)
+                start, end = spans[i] if present else (pos + 1, pos + 1)
+                if i:
+                    add(self.present[node, i], present)
+                    add(self.starts[node, i], start)
+                    add(self.sizes[node, i], end - start + 1)
+                add(self.ends[node, i], end)
+        for (u, v, i, j), covers in self.covers.items():
+            add(covers, i < len(intervals[v]) and covering(u, intervals[v][i][0]) == j)
 
     def intervals(self, solver: cp_model.CpSolver) -> dict:
         found = {}
         for node in self.order:
             spans = []
             for i in range(self.copies[node]):
-                if solver.Value(self.present[node, i]):
-                    spans.append((solver.Value(self.starts[node, i]), solver.Value(self.ends[node, i])))
+                if solver.value(self.present[node, i]):
+                    spans.append((solver.value(self.starts[node, i]), solver.value(self.ends[node, i])))
             found[node] = spans
         return found
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):
-    """Records (seconds since the solve started, objective) for every improving solution."""
+    """Records (seconds since the solve started, objective) for every improving solution;
+    with ``stop_at``, stops the search once the objective is that low."""
 
-    def __init__(self, started: float, scale: float):
+    def __init__(self, started: float, scale: float, stop_at: float | None = None):
         super().__init__()
-        self.started, self.scale, self.trace = started, scale, []
+        self.started, self.scale, self.stop_at, self.trace = started, scale, stop_at, []
 
     def on_solution_callback(self):
-        self.trace.append((time.perf_counter() - self.started, self.ObjectiveValue() / self.scale))
+        self.trace.append((time.perf_counter() - self.started, self.objective_value / self.scale))
+        if self.stop_at is not None and self.objective_value <= self.stop_at:
+            self.stop_search()
 
 
 def _solver(time_limit: float, workers: int, seed: int) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.01, time_limit)
-    solver.parameters.num_search_workers = workers
+    solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     return solver
 
@@ -183,12 +243,17 @@ def solve(
     keep=(),
     seed: int = 0,
     find_smallest_budget: bool = True,
+    search_share: float = 0.5,
 ) -> Schedule:
     """The cheapest schedule within ``budget`` found in ``time_limit`` seconds.
 
     ``keep``: nodes that must stay in memory to the end (the graph's outputs). When the budget
     is infeasible the result says so and, with ``find_smallest_budget``, carries the smallest
     budget a schedule was found for (``smallest_feasible_budget``), searched in the time left.
+    ``search_share``: the part of the time limit phase one's local search may use (it stops
+    once it has a schedule within the budget, usually within a second). The result says what
+    found the first schedule (``phase_one``) and when (``seconds_to_first``); its ``trace``
+    starts with that schedule's cost.
     """
     check_problem(graph, order, budget)
     if intervals_per_node < 1:
@@ -198,8 +263,9 @@ def solve(
     baseline = no_remat_intervals(graph, order, keep)
     if peak_memory(graph, order, baseline) <= budget:
         # Phase one is free: the plain schedule fits and costs nothing, which is optimal.
-        return Schedule("optimal", 0.0, 0.0, baseline, time.perf_counter() - started, "moccasin", budget,
-                        peak_memory(graph, order, baseline))  # fmt: skip
+        seconds = time.perf_counter() - started
+        return Schedule("optimal", 0.0, 0.0, baseline, seconds, "moccasin", budget, peak_memory(graph, order, baseline),
+                        trace=[(seconds, 0.0)], phase_one="plain", seconds_to_first=seconds)  # fmt: skip
     if budget < lower_bound_budget(graph, order, keep):
         result = Schedule("infeasible", solver="moccasin", budget=budget)
         if find_smallest_budget:
@@ -209,27 +275,20 @@ def solve(
         result.seconds = time.perf_counter() - started
         return result
 
-    # Phase one: any schedule within the budget, greedily if that finds one, else by CP-SAT.
-    first = greedy_schedule(graph, order, budget, intervals_per_node, keep)
+    # Phase one: any schedule within the budget, by local search, else by CP-SAT from its closest.
+    search = _search(graph, order, budget, intervals_per_node, keep, time_limit * search_share, seed)
+    first, phase_one = (search.intervals(), "local search") if search.fits() else (None, "cp-sat")
     if first is None:
-        feasible = _Model(graph, order, budget, intervals_per_node, keep)
-        feasible.model.ClearObjective()
-        feasible.hint(baseline)  # over budget, but a start close to schedules that fit
-        # Most of the time goes to finding a first schedule: without one there is nothing to
-        # improve; once found, the rest improves it.
-        solver = _solver(time_limit * 0.8, workers, seed)
-        status = solver.Solve(feasible.model)
-    else:
-        status = cp_model.FEASIBLE
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        result = Schedule(_STATUS.get(status, "unknown"), solver="moccasin", budget=budget)
-        if status == cp_model.INFEASIBLE and find_smallest_budget:
-            left = time_limit - (time.perf_counter() - started)
-            result.smallest_feasible_budget = _smallest_budget(graph, order, intervals_per_node, keep, left, workers, seed)
-        result.seconds = time.perf_counter() - started
-        return result
-    if first is None:
-        first = feasible.intervals(solver)
+        first, status, smallest = _lower_the_peak(graph, order, budget, intervals_per_node, keep, search.intervals(),
+                                                  time_limit - (time.perf_counter() - started), workers, seed)  # fmt: skip
+        if first is None:
+            result = Schedule(status, solver="moccasin", budget=budget)
+            if status == "infeasible" and find_smallest_budget:
+                result.smallest_feasible_budget = smallest
+            result.seconds = time.perf_counter() - started
+            return result
+    seconds_to_first = time.perf_counter() - started
+    first_cost = recompute_cost(graph, first)
 
     # Phase two: the cheapest schedule, starting from the first one.
     cheapest = _Model(graph, order, budget, intervals_per_node, keep)
@@ -237,82 +296,442 @@ def solve(
     left = time_limit - (time.perf_counter() - started)
     solver = _solver(left, workers, seed)
     progress = _Progress(started, cheapest.scale)
-    status = solver.Solve(cheapest.model, progress)
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    status = solver.solve(cheapest.model, progress)
+    trace = [(seconds_to_first, first_cost)]
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.objective_value / cheapest.scale <= first_cost:
         intervals = cheapest.intervals(solver)
-        objective = solver.ObjectiveValue() / cheapest.scale
-        bound = solver.BestObjectiveBound() / cheapest.scale
+        objective = solver.objective_value / cheapest.scale
+        bound = solver.best_objective_bound / cheapest.scale
         label = _STATUS[status]
-    else:  # time ran out in phase two: the phase-one schedule stands, its cost unproven
+        trace += [(seconds, value) for seconds, value in progress.trace if value < trace[-1][1]]
+    else:  # time ran out in phase two: the phase-one schedule stands
         intervals = first
-        objective = _cost(graph, first)
-        bound = 0.0
+        objective = first_cost
+        bound = solver.best_objective_bound / cheapest.scale if status == cp_model.FEASIBLE else 0.0
         label = "feasible"
-    result = Schedule(label, objective, bound, intervals, time.perf_counter() - started, "moccasin", budget,
-                      peak_memory(graph, order, intervals))  # fmt: skip
-    result.trace = [(seconds, value) for seconds, value in progress.trace]
-    return result
+    return Schedule(label, objective, min(bound, objective), intervals, time.perf_counter() - started, "moccasin",
+                    budget, peak_memory(graph, order, intervals), trace=trace, phase_one=phase_one,
+                    seconds_to_first=seconds_to_first)  # fmt: skip
 
 
-def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_node: int = 2, keep=()):
-    """A quick schedule within ``budget``, or None: starting from the plain schedule, at the
-    first time over budget, drop the tensor with the most memory per unit of recomputation
-    cost that is not read then and whose inputs are alive at its next use, and recompute it
-    there. Used to start the search (CP-SAT alone can take minutes to find a first schedule
-    on graphs of a thousand nodes)."""
-    intervals = {node: list(spans) for node, spans in no_remat_intervals(graph, order, keep).items()}
-    def reads(node) -> list[int]:
-        """Every time ``node`` is read: its users' computations and recomputations."""
-        return sorted(start for u in graph.successors(node) for start, _ in intervals[u])
+def _lower_the_peak(graph, order, budget, intervals_per_node, keep, closest, time_limit, workers, seed):
+    """Phase one by CP-SAT: minimise the peak, starting from ``closest`` (a valid schedule over
+    the budget), and stop once it is within the budget. Returns (intervals or None, status,
+    the smallest feasible budget when that was proved)."""
+    model = _Model(graph, order, budget, intervals_per_node, keep, minimize_budget=True)
+    model.hint(closest)
+    # Most of the time goes to finding a first schedule: without one there is nothing to
+    # improve; once found, the rest improves it.
+    solver = _solver(time_limit * 0.8, workers, seed)
+    status = solver.solve(model.model, _Progress(time.perf_counter(), 1.0, stop_at=budget))
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.value(model.capacity) <= budget:
+        return model.intervals(solver), "feasible", None
+    if status == cp_model.OPTIMAL:
+        return None, "infeasible", solver.value(model.capacity)
+    return None, "infeasible" if status == cp_model.INFEASIBLE else "unknown", None
 
-    def alive(node, t):
-        return any(s <= t <= e for s, e in intervals[node])
 
-    for _ in range(len(order) * intervals_per_node):
-        profile = memory_profile(graph, order, intervals)
-        over = [t for t, used in enumerate(profile) if used > budget]
-        if not over:
-            return intervals
-        t = over[0]
-        needed_now = {order[t], *graph.predecessors(order[t])}
-        best, best_score = None, None
-        for node in order[:t]:
-            spans = intervals[node]
-            if node in needed_now or node in keep or len(spans) >= intervals_per_node:
-                continue
-            covering = [k for k, (s, e) in enumerate(spans) if s <= t <= e]
-            if not covering:
-                continue
-            k = covering[0]
-            start, end = spans[k]
-            needed = reads(node)
-            before = [u for u in needed if start <= u < t]
-            after = [u for u in needed if t < u <= end]
-            if not after:
-                continue
-            cut, resume = (before[-1] if before else start), after[0]
-            if resume < cut + 2 or not all(alive(p, resume) for p in graph.predecessors(node)):
-                continue
-            score = graph.nodes[node]["mem"] / (1.0 + graph.nodes[node]["cost"])
-            if best_score is None or score > best_score:
-                best, best_score = (node, k, cut, resume, end), score
-        if best is None:
-            return None
-        node, k, cut, resume, end = best
-        intervals[node][k : k + 1] = [(intervals[node][k][0], cut), (resume, end)]
+def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_node: int = 2, keep=(), *,
+                    time_limit: float = 10.0, seed: int = 0) -> dict | None:  # fmt: skip
+    """A quick schedule within ``budget`` by local search (see ``_Repair``), or None when the
+    search finds none in ``time_limit`` seconds. Used to start the exact search: CP-SAT alone
+    can take minutes to find a first schedule on graphs of a thousand nodes."""
+    check_problem(graph, order, budget)
+    search = _search(graph, order, budget, intervals_per_node, set(keep), time_limit, seed)
+    return search.intervals() if search.fits() else None
+
+
+def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed) -> _Repair:
+    """Three descents from the plain schedule, scoring moves by the overflow they remove per
+    unit of recomputation cost to the power 1, 0.5 and 0 (cheaper schedules first, tighter
+    budgets last): the cheapest that fits; when none does, the closest goes on with kicks
+    (``_Repair.run``) in the time left."""
+    started = time.perf_counter()
+    searches = []
+    for weight in (1.0, 0.5, 0.0):
+        left = time_limit - (time.perf_counter() - started)
+        if searches and left <= 0:
+            break
+        search = _Repair(graph, order, budget, intervals_per_node, keep, cost_weight=weight, seed=seed)
+        search.run(left)
+        if search.fits():
+            search.prune()
+        searches.append(search)
+    best = min(searches, key=_Repair.rank)
+    if not best.fits():
+        best.run(time_limit - (time.perf_counter() - started), kicks=True)
+        if best.fits():
+            best.prune()
+    return best
+
+
+def _spans(comps: list, reads: list) -> list:
+    """Intervals from computation times and read times (both sorted): each computation lasts
+    until the last read before the next computation."""
+    spans = []
+    for k, start in enumerate(comps):
+        stop = bisect.bisect_left(reads, comps[k + 1]) if k + 1 < len(comps) else len(reads)
+        spans.append((start, reads[stop - 1] if stop and reads[stop - 1] >= start else start))
+    return spans
+
+
+def _wasted(spans: list, reads: list) -> int | None:
+    """The first recomputation that serves no read or leaves no gap before it, or None."""
+    for k in range(1, len(spans)):
+        start, end = spans[k]
+        following = bisect.bisect_left(reads, start)
+        if start < spans[k - 1][1] + 2 or following == len(reads) or reads[following] > end:
+            return k
     return None
 
 
-def _cost(graph, intervals) -> float:
-    return float(sum(graph.nodes[n]["cost"] * (len(spans) - 1) for n, spans in intervals.items()))
+class _Repair:
+    """Local search for a schedule within the budget, over computation times: each node (by
+    position) has sorted ``comps`` (its position, then its recomputations) and ``reads`` (the
+    computation times of its users, and the last time for ``keep`` nodes); its intervals
+    follow (``_spans``), so every schedule it holds is valid and only the memory can be over.
+
+    A move, at a time t over the budget, drops a tensor alive at t but not read then and
+    recomputes it at a later time b: at its next read with its missing inputs supplied there
+    (kept longer, recomputed at b themselves, a chain, or recomputed when their own inputs
+    are last alive), or at the time in between that frees the most memory net of keeping its
+    inputs longer. A tensor with no interval left moves its last recomputation instead.
+    Moves are estimated from prefix sums over the profile, the best ``candidates`` measured
+    exactly, and taken (up to ``batch`` of them while they still help) by what they remove of
+    the penalty (memory over the budget, weighted ``over_weight``, plus memory over a target
+    ``margin`` below it) per unit of recomputation cost to the power ``cost_weight``.
+    """
+
+    def __init__(self, graph, order, budget, intervals_per_node, keep, cost_weight=1.0, noise=0.05, seed=0,
+                 candidates=40, targets=20, depth=1, batch=10, margin=0.03, over_weight=10, patience=100,
+                 kick_window=0.05, kick_share=1 / 3):  # fmt: skip
+        n = self.n = len(order)
+        position = {node: t for t, node in enumerate(order)}
+        self.order, self.budget = order, budget
+        self.target, self.over_weight = budget - margin * budget, over_weight
+        self.mem = [int(graph.nodes[v]["mem"]) for v in order]
+        self.cost = [float(graph.nodes[v]["cost"]) for v in order]
+        self.parents = [[position[u] for u in graph.predecessors(v)] for v in order]
+        counts = interval_counts(graph, order, intervals_per_node, keep)
+        self.slots = [counts[v] for v in order]
+        self.comps = [[t] for t in range(n)]
+        self.reads = [sorted(position[u] for u in graph.successors(v)) + ([n - 1] if v in keep else []) for v in order]
+        self.spans = [_spans(self.comps[t], self.reads[t]) for t in range(n)]
+        change = np.zeros(n + 1, np.int64)
+        for t in range(n):
+            for start, end in self.spans[t]:
+                change[start] += self.mem[t]
+                change[end + 1] -= self.mem[t]
+        self.profile = np.cumsum(change)[:n]
+        self.cost_weight, self.noise, self.rng = cost_weight, noise, random.Random(seed)
+        self.candidates, self.targets, self.depth, self.batch = candidates, targets, depth, batch
+        self.patience, self.kick_window, self.kick_share = patience, kick_window, kick_share
+
+    def overflow(self) -> int:
+        return int(np.maximum(self.profile - self.budget, 0).sum())
+
+    def fits(self) -> bool:
+        return bool(self.profile.max(initial=0) <= self.budget)
+
+    def intervals(self) -> dict:
+        return {self.order[t]: list(self.spans[t]) for t in range(self.n)}
+
+    def run(self, time_limit: float, kicks: bool = False) -> None:
+        """Take improving moves until the schedule fits, none is left or time runs out; when
+        none is left, again without the target below the budget (room near the times over
+        the budget no longer counts, so the last moves are not held back by it). With
+        ``kicks``, then undo a random third of the recomputations near the worst time and go
+        on, until ``patience`` kicks in a row found nothing closer; the closest state is kept."""
+        deadline = time.perf_counter() + time_limit
+        closest, since_closest = None, 0
+        while self._descend(deadline) is False:
+            target, self.target = self.target, self.budget
+            finished = self._descend(deadline)
+            self.target = target
+            if finished is not False or not kicks:
+                break
+            if closest is None or self.overflow() < closest[0]:
+                closest, since_closest = self._snapshot(), 0
+            elif since_closest == self.patience:
+                break
+            since_closest += 1
+            self._kick()
+        if closest is not None and closest[0] < self.overflow():
+            _, self.comps, self.reads, self.spans, self.profile = closest
+
+    def _descend(self, deadline: float) -> bool | None:
+        """Improving moves at the worst times: True once it fits, False when none is left,
+        None when time ran out."""
+        while time.perf_counter() < deadline:
+            excess = self.profile - self.budget
+            over = np.flatnonzero(excess > 0)
+            if not len(over):
+                return True
+            self._worst = over[np.argsort(-excess[over], kind="stable")][: self.targets]
+            if not any(self._improve(int(t)) for t in self._worst):
+                return False
+        return None
+
+    def _snapshot(self) -> tuple:
+        return self.overflow(), [list(c) for c in self.comps], [list(r) for r in self.reads], list(self.spans), \
+            self.profile.copy()
+
+    def _kick(self) -> None:
+        t, window = int(self._worst[0]), int(self.n * self.kick_window)
+        near = [(v, c) for v in range(self.n) for c in self.comps[v][1:] if abs(c - t) <= window]
+        for v, c in self.rng.sample(near, int(len(near) * self.kick_share)):
+            found = self._measure([(v, c, -1)])
+            if found is not None:
+                self._apply(*found[2:4])
+
+    def _span_at(self, u, t) -> tuple[int, int]:
+        """The interval of u's latest computation at or before t."""
+        return self.spans[u][bisect.bisect_right(self.comps[u], t) - 1]
+
+    def _change(self, v, b, sign) -> None:
+        if sign > 0:
+            bisect.insort(self.comps[v], b)
+        else:
+            self.comps[v].remove(b)
+        for p in self.parents[v]:
+            if sign > 0:
+                bisect.insort(self.reads[p], b)
+            else:
+                self.reads[p].remove(b)
+
+    def _measure(self, ops):
+        """(penalty change, cost change, the ops with the removals they force, new spans,
+        the highest memory where it changes), or None when a node would get too many
+        intervals (or the ops no longer apply); the state is left as it was."""
+        done, touched, allowed = [], set(), True
+        for v, b, sign in ops:
+            if (b in self.comps[v]) == (sign > 0) or (sign > 0 and len(self.comps[v]) >= self.slots[v]):
+                allowed = False
+                break
+            self._change(v, b, sign)
+            done.append((v, b, sign))
+            touched.add(v)
+            touched.update(self.parents[v])
+        if allowed:
+            queue = list(touched)
+            while queue:  # recomputations left serving nothing (or leaving no gap) go too
+                u = queue.pop()
+                k = _wasted(_spans(self.comps[u], self.reads[u]), self.reads[u])
+                if k is not None:
+                    b = self.comps[u][k]
+                    self._change(u, b, -1)
+                    done.append((u, b, -1))
+                    touched.update(self.parents[u])
+                    queue += [u, *self.parents[u]]
+            news = [(u, _spans(self.comps[u], self.reads[u])) for u in touched]
+        for v, b, sign in reversed(done):
+            self._change(v, b, -sign)
+        if not allowed:
+            return None
+        news = [(u, new) for u, new in news if new != self.spans[u]]
+        ranges = [(s, e, -self.mem[u]) for u, _ in news for s, e in self.spans[u]]
+        ranges += [(s, e, self.mem[u]) for u, new in news for s, e in new]
+        cost = sum(self.cost[v] * sign for v, _, sign in done)
+        if not ranges:
+            return 0, cost, done, news, 0
+        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        change = np.zeros(high - low + 2, np.int64)
+        for s, e, m in ranges:
+            change[s - low] += m
+            change[e - low + 1] -= m
+        before = self.profile[low : high + 1]
+        after = before + np.cumsum(change)[:-1]
+        delta = self._penalty(after).sum() - self._penalty(before).sum()
+        return int(delta), cost, done, news, int(after.max())
+
+    def _apply(self, done, news) -> None:
+        for v, b, sign in done:
+            self._change(v, b, sign)
+        for u, new in news:
+            for s, e in self.spans[u]:
+                self.profile[s : e + 1] -= self.mem[u]
+            for s, e in new:
+                self.profile[s : e + 1] += self.mem[u]
+            self.spans[u] = new
+
+    def _penalty(self, memory: np.ndarray) -> np.ndarray:
+        """What the search minimises at each time: the memory over the budget, and (weighted
+        far less) the memory over a target a little below it, so that moves which make room
+        next to the times over the budget count too (without them the profile settles on a
+        plateau at the budget where every move adds overflow somewhere)."""
+        return self.over_weight * np.maximum(memory - self.budget, 0) + np.maximum(memory - self.target, 0)
+
+    def _prefix(self, kind: str, mem: int) -> np.ndarray:
+        """Prefix sums over time, for the current profile, of the overflow a tensor of ``mem``
+        bytes adds by being alive ("keep") or removes by being dropped ("drop")."""
+        key = (kind, mem)
+        if key not in self._prefixes:
+            now = self._penalty(self.profile)
+            step = self._penalty(self.profile + mem) - now if kind == "keep" else now - self._penalty(self.profile - mem)
+            self._prefixes[key] = np.concatenate(([0], np.cumsum(step)))
+        return self._prefixes[key]
+
+    def _listed_prefix(self, kind: str, mem: int) -> list:
+        """``_prefix`` as a list (faster to index one element at a time)."""
+        key = (kind, mem)
+        if key not in self._listed:
+            self._listed[key] = self._prefix(kind, mem).tolist()
+        return self._listed[key]
+
+    def _keeping(self, u, first, last) -> int:
+        """Overflow added by keeping u alive over [first, last] (on its own)."""
+        if last < first:
+            return 0
+        prefix = self._listed_prefix("keep", self.mem[u])
+        return prefix[last + 1] - prefix[first]
+
+    def _supply(self, u, b, depth) -> tuple[int, tuple]:
+        """(estimated overflow added, ops) to have u alive at time b: kept from its last
+        interval, or recomputed at b with its own inputs supplied (memoised per profile)."""
+        key = (u, b, depth)
+        if key in self._supplies:
+            return self._supplies[key]
+        _, end = self._span_at(u, b)
+        if end >= b:
+            best = (0, ())
+        else:
+            best = (self._keeping(u, end + 1, b), ())
+            if depth and len(self.comps[u]) < self.slots[u] and b >= end + 2:
+                total, ops = self._keeping(u, b, b), ((u, b, 1),)
+                for p in self.parents[u]:
+                    added, more = self._supply(p, b, depth - 1)
+                    total, ops = total + added, ops + more
+                    if total >= best[0]:
+                        break
+                if total < best[0]:
+                    best = (total, ops)
+                inputs_alive = self._inputs_alive(u, end + 2, b)
+                if inputs_alive is not None and inputs_alive < b:
+                    total = self._keeping(u, inputs_alive, b)
+                    if total < best[0]:
+                        best = (total, ((u, inputs_alive, 1),))
+        self._supplies[key] = best
+        return best
+
+    def _inputs_alive(self, u, first, last) -> int | None:
+        """The latest time in [first, last] at which all of u's inputs are alive, or None."""
+        t = last
+        while t >= first:
+            for p in self.parents[u]:
+                _, end = self._span_at(p, t)
+                if end < t:
+                    t = end
+                    break
+            else:
+                return t
+        return None
+
+    def _best_time(self, v, previous, t, following) -> tuple[int, int]:
+        """(estimated overflow removed, time): the best time in (t, following] to recompute v
+        with its inputs that are not alive then kept until then (each on its own). Tried:
+        ``following`` and the last time each input is alive (where the next input's cost
+        starts)."""
+        dropped = self._listed_prefix("drop", self.mem[v])
+        inputs = [(self._span_at(p, following), self._listed_prefix("keep", self.mem[p])) for p in self.parents[v]]
+        best = None
+        for b in {following, *(end for (start, end), _ in inputs if t < end < following)}:
+            net = dropped[b] - dropped[previous + 1]
+            for (start, end), kept in inputs:
+                if b > end:  # (an input alive at b only from a later computation is kept from ``end``)
+                    net -= kept[b + 1] - kept[end + 1]
+            if best is None or net > best[0]:
+                best = (net, b)
+        return best
+
+    def _moves(self, t) -> list:
+        """Moves that drop a tensor alive at t and not read then: (estimated score, ops), the
+        most promising first. The memory freed over the gap bounds a move's estimate, so
+        tensors are estimated in the order of that bound until it cannot reach the best."""
+        droppable = []
+        for v in range(t):
+            start, end = self._span_at(v, t)
+            if not start < t < end or (len(self.comps[v]) == 1 and self.slots[v] == 1):
+                continue
+            reads = self.reads[v]
+            following = bisect.bisect_left(reads, t)
+            if reads[following] == t:
+                continue
+            previous = reads[following - 1] if following and reads[following - 1] >= start else start
+            following = reads[following]
+            weight = max(self.cost[v], 0.5) ** self.cost_weight
+            dropped = self._prefix("drop", self.mem[v])
+            gain = int(dropped[following] - dropped[previous + 1])
+            droppable.append((gain / weight, gain, weight, v, previous, following))
+        droppable.sort(key=lambda item: -item[0])
+        found = []  # a heap of the best estimates: (score, tie-breaker, ops)
+        for bound, gain, weight, v, previous, following in droppable:
+            if len(found) == self.candidates and bound <= found[0][0]:
+                break
+            # With no interval left, its current recomputation moves here.
+            prefix = [] if len(self.comps[v]) < self.slots[v] else [(v, self.comps[v][-1], -1)]
+            chain, added = (), 0
+            for p in self.parents[v]:
+                more, ops = self._supply(p, following, self.depth)
+                added, chain = added + more, chain + ops
+            moves = [((gain - added) / weight, prefix + [(v, following, 1)] + list(dict.fromkeys(chain)))]
+            net, between = self._best_time(v, previous, t, following)
+            if between != following:
+                moves.append((net / weight, prefix + [(v, between, 1)]))
+            for score, ops in moves:
+                item = (score, len(found) + len(droppable) * v + between, ops)
+                if len(found) < self.candidates:
+                    heapq.heappush(found, item)
+                elif score > found[0][0]:
+                    heapq.heapreplace(found, item)
+        found = sorted(((score, ops) for score, _, ops in found), key=lambda item: -item[0])
+        return [move for move in found if move[0] > 0] or found[: self.candidates // 4]
+
+    def _improve(self, t) -> bool:
+        """Take the best move that lowers the overflow, dropping a tensor over t."""
+        self._prefixes, self._listed, self._supplies = {}, {}, {}
+        measured = []
+        for _, ops in self._moves(t):
+            found = self._measure(ops)
+            if found is not None and found[0] < 0:
+                delta, cost = found[:2]
+                score = -delta / max(cost, 0.5) ** self.cost_weight * (1 + self.noise * self.rng.random())
+                measured.append((score, ops, found))
+        if not measured:
+            return False
+        measured.sort(key=lambda item: -item[0])
+        self._apply(*measured[0][2][2:4])
+        # Estimating moves costs more than measuring them: the next best go in too while
+        # they still lower the overflow about as much per unit cost.
+        for score, ops, _ in measured[1 : self.batch]:
+            found = self._measure(ops)
+            if found is not None and found[0] < 0 and -found[0] / max(found[1], 0.5) ** self.cost_weight >= score / 2:
+                self._apply(*found[2:4])
+        return True
+
+    def prune(self) -> None:
+        """Drop the recomputations (the costliest first) that the budget does not need."""
+        if not self.fits():
+            return
+        recomputed = sorted(((self.cost[v], v, b) for v in range(self.n) for b in self.comps[v][1:]), reverse=True)
+        for _, v, b in recomputed:
+            found = self._measure([(v, b, -1)])
+            if found is not None and found[4] <= self.budget:
+                self._apply(*found[2:4])
+
+    def rank(self) -> tuple:
+        """Lower is better: any schedule that fits, the cheapest first, then the least overflow."""
+        if self.fits():
+            return 0, sum(self.cost[v] * (len(self.comps[v]) - 1) for v in range(self.n))
+        return 1, self.overflow()
 
 
 def _smallest_budget(graph, order, intervals_per_node, keep, time_limit, workers, seed) -> int | None:
     """The smallest capacity a schedule with this many intervals per node fits in (the best
     found within the time limit: an upper bound on the true smallest)."""
     model = _Model(graph, order, 0, intervals_per_node, keep, minimize_budget=True)
+    model.hint(no_remat_intervals(graph, order, keep))
     solver = _solver(max(time_limit, 1.0), workers, seed)
-    status = solver.Solve(model.model)
+    status = solver.solve(model.model)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return int(math.ceil(solver.Value(model.capacity)))
+        return int(math.ceil(solver.value(model.capacity)))
     return None

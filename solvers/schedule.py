@@ -8,9 +8,14 @@ recomputations placed at t. A schedule gives each node its retention intervals
 is a recomputation at its start time. The memory at time t is the sum of ``mem`` over the
 intervals covering t.
 
+A node may also carry ``recompute``: when it is False the node is computed exactly once (it
+has one interval), as random ops such as dropout must be; a node without the attribute may be
+recomputed.
+
 A schedule is valid when every computation (first or recomputation) of a node finds each of
-its inputs in some interval covering that time, and the memory never exceeds the budget;
-``validate`` checks both and ``peak_memory`` gives the simulated peak.
+its inputs in some interval covering that time, no node with ``recompute=False`` is
+recomputed, and the memory never exceeds the budget; ``validate`` checks all three and
+``peak_memory`` gives the simulated peak.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Schedule:
     "unknown" (the time limit ran out before any schedule was found).
     objective: total cost of the recomputations (0 when nothing is recomputed).
     intervals: node -> list of (start, end) positions, the first starting at the node's own.
+    trace: (seconds, objective) of the first schedule and of every improving one after it.
     """
 
     status: str
@@ -45,7 +51,9 @@ class Schedule:
     budget: int = 0
     peak: int | None = None
     smallest_feasible_budget: int | None = None
-    trace: list = field(default_factory=list)  # (seconds, objective) of each improving solution
+    trace: list = field(default_factory=list)
+    phase_one: str = ""  # what found the first schedule: "plain", "local search" or "cp-sat"
+    seconds_to_first: float | None = None  # when the first schedule within the budget was found
 
     @property
     def seconds_to_best(self) -> float | None:
@@ -84,6 +92,11 @@ def check_problem(graph: nx.DiGraph, order: list, budget: int) -> dict:
     return position
 
 
+def recomputable(graph: nx.DiGraph, node) -> bool:
+    """Whether ``node`` may be computed more than once (its ``recompute`` attribute)."""
+    return bool(graph.nodes[node].get("recompute", True))
+
+
 def no_remat_intervals(graph: nx.DiGraph, order: list, keep=()) -> dict:
     """Each node kept from its computation to its last use (or the end, for ``keep``)."""
     position = {node: t for t, node in enumerate(order)}
@@ -117,8 +130,8 @@ def recompute_cost(graph: nx.DiGraph, intervals: dict) -> float:
 
 def validate(graph: nx.DiGraph, order: list, intervals: dict, budget: int | None = None, keep=()) -> None:
     """Raise ScheduleError unless every computation finds its inputs alive, every use of a
-    node's output finds it alive, ``keep`` nodes last to the end, and the memory stays
-    within ``budget`` (when given)."""
+    node's output finds it alive, nodes with ``recompute=False`` are computed once, ``keep``
+    nodes last to the end, and the memory stays within ``budget`` (when given)."""
     position = check_problem(graph, order, budget or 0)
     last = len(order) - 1
 
@@ -131,6 +144,8 @@ def validate(graph: nx.DiGraph, order: list, intervals: dict, budget: int | None
             raise ScheduleError(f"node {node!r} has no interval")
         if spans[0][0] != position[node]:
             raise ScheduleError(f"node {node!r}: its first interval must start at its position {position[node]}")
+        if len(spans) > 1 and not recomputable(graph, node):
+            raise ScheduleError(f"node {node!r} has recompute=False but is recomputed at time {spans[1][0]}")
         for k, (start, end) in enumerate(spans):
             if not 0 <= start <= end <= last:
                 raise ScheduleError(f"node {node!r}: interval {k} [{start}, {end}] is out of range")
@@ -149,27 +164,48 @@ def validate(graph: nx.DiGraph, order: list, intervals: dict, budget: int | None
 
 
 def random_layered_graph(
-    nodes: int, seed: int = 0, width: int = 8, fan_in: int = 3, skip: float = 0.2
+    nodes: int, seed: int = 0, width: int = 8, fan_in: int = 3, skip: float = 0.2, edges: int | None = None
 ) -> tuple[nx.DiGraph, list]:
     """A random layered DAG like the RL benchmarks of the Checkmate and Moccasin papers:
     ``nodes`` nodes in layers of up to ``width``; each node reads 1 to ``fan_in`` nodes, each
     from the previous layer or, with probability ``skip``, from any earlier layer (the long
     edges that make keeping versus recomputing a real choice); sizes and costs are random
-    integers in 1..10. Returns the graph and its topological order (layer by layer)."""
+    integers in 1..10. With ``edges``, random nodes then read further nodes, drawn the same
+    way, until the graph has that many edges (the papers' graphs are denser than ``fan_in``
+    alone gives). Returns the graph and its topological order (layer by layer)."""
     rng = random.Random(seed)
     graph = nx.DiGraph()
     layers: list[list[int]] = []
+    layer_of: dict[int, int] = {}
     index = 0
+
+    def draw_input(layer: int) -> int:
+        source = rng.choice(layers[: layer - 1]) if layer > 1 and rng.random() < skip else layers[layer - 1]
+        return rng.choice(source)
+
     while index < nodes:
         size = min(rng.randint(max(1, width // 2), width), nodes - index)
         layer = list(range(index, index + size))
         for node in layer:
             graph.add_node(node, mem=rng.randint(1, 10), cost=rng.randint(1, 10))
+            layer_of[node] = len(layers)
             if not layers:
                 continue
             for _ in range(rng.randint(1, fan_in)):
-                source = rng.choice(layers[:-1]) if len(layers) > 1 and rng.random() < skip else layers[-1]
-                graph.add_edge(rng.choice(source), node)
+                graph.add_edge(draw_input(len(layers)), node)
         layers.append(layer)
         index += size
+    if edges is not None:
+        def sources(k: int) -> int:  # how many nodes draw_input can give a node of layer k
+            if k < 2:
+                return len(layers[0]) if k else 0
+            return (len(layers[k - 1]) if skip < 1 else 0) + (sum(map(len, layers[: k - 1])) if skip > 0 else 0)
+
+        possible = sum(len(layer) * sources(k) for k, layer in enumerate(layers))
+        if edges > possible:
+            raise ValueError(f"{nodes} nodes in these layers allow at most {possible} edges, not {edges}")
+        readers = [node for node in range(nodes) if layer_of[node] > 0]
+        while graph.number_of_edges() < edges:
+            node = rng.choice(readers)
+            graph.add_edge(draw_input(layer_of[node]), node)
     return graph, list(range(nodes))

@@ -48,3 +48,28 @@ def test_stage_memory_names_a_missing_input():
     keep = [[], ["f0"], ["f0", "f1"], ["b1"]]  # f0 dropped before b0 needs it
     with pytest.raises(ScheduleError, match="needs 'f0'"):
         checkmate.stage_memory(graph, order, compute, keep)
+
+
+def test_nodes_that_must_not_be_recomputed_are_computed_in_their_own_stage_only():
+    graph, order = training_chain(5)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    marked = {"f1", "f3"}
+    for v in marked:
+        graph.nodes[v]["recompute"] = False
+    for budget in range(base, base - 3, -1):
+        milp = checkmate.solve(graph, order, budget, time_limit=30)
+        cp = moccasin.solve(graph, order, budget, time_limit=30, workers=2, intervals_per_node=3)
+        assert milp.status == cp.status == "optimal"
+        assert not marked & {v for stage in milp.compute for v in stage[:-1]}
+        assert milp.objective <= cp.objective + 1e-6
+        assert max(checkmate.stage_memory(graph, order, milp.compute, milp.keep)) <= budget
+
+
+def test_stage_memory_names_a_node_recomputed_against_its_mark():
+    graph, order = training_chain(2)  # f0 f1 b1 b0
+    compute = [["f0"], ["f1"], ["b1"], ["f0", "b0"]]  # f0 dropped after f1, recomputed for b0
+    keep = [[], ["f0"], ["f1"], ["b1"]]
+    checkmate.stage_memory(graph, order, compute, keep)
+    graph.nodes["f0"]["recompute"] = False
+    with pytest.raises(ScheduleError, match="'f0' has recompute=False"):
+        checkmate.stage_memory(graph, order, compute, keep)

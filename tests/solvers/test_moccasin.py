@@ -48,18 +48,24 @@ def tiny_graph(seed: int, n: int = 5):
 
 def brute_force(graph, order, budget, copies=2):
     """(cheapest cost within budget or None, smallest peak of any valid schedule), by
-    enumerating every schedule the formulation allows, node by node in order."""
+    enumerating every schedule the formulation allows, node by node in order: a second
+    interval may start up to the last time anything can read the node (a user's first
+    computation or, for users that may be recomputed, their own latest read: chains)."""
     position = {v: t for t, v in enumerate(order)}
     last = len(order) - 1
+    may_recompute = {v: copies > 1 and graph.out_degree(v) > 0 and graph.nodes[v].get("recompute", True) for v in order}
+    latest = {}
+    for v in reversed(order):
+        reads = [max(position[u], latest[u]) if may_recompute[u] else position[u] for u in graph.successors(v)]
+        latest[v] = max(reads, default=position[v])
     options = {}
     for v in order:
         p = position[v]
-        last_use = max((position[u] for u in graph.successors(v)), default=p)
         choices = []
         for e1 in range(p, last + 1):
             choices.append([(p, e1)])
-            if copies > 1 and graph.out_degree(v):
-                for s2 in range(e1 + 2, last_use + 1):
+            if may_recompute[v]:
+                for s2 in range(e1 + 2, latest[v] + 1):
                     for e2 in range(s2, last + 1):
                         choices.append([(p, e1), (s2, e2)])
         options[v] = choices
@@ -185,6 +191,11 @@ def test_validate_names_what_is_wrong():
         validate(graph, order, good, budget=1)
     with pytest.raises(ScheduleError, match="first interval must start"):
         validate(graph, order, dict(good, f1=[(2, 5)]))
+    recomputed = dict(good, f0=[(0, 1), (5, 5)])  # f0 kept for f1, recomputed for b0
+    validate(graph, order, recomputed)
+    graph.nodes["f0"]["recompute"] = False
+    with pytest.raises(ScheduleError, match="'f0' has recompute=False"):
+        validate(graph, order, recomputed)
 
 
 def test_bad_problems_are_refused():
@@ -211,3 +222,112 @@ def test_greedy_start_is_valid_when_it_finds_a_schedule():
                 validate(graph, order, intervals, budget)
                 assert all(len(spans) <= 2 for spans in intervals.values())
     assert found >= 4  # the start is useful on these graphs, not only correct when it gives up
+
+
+def chain_graph():
+    """c is read again by z after a stretch (x, y) where neither c nor its input b fits: both
+    are recomputed at z's time, b only because c needs it (a chain); a, read by z too, stays."""
+    graph = nx.DiGraph()
+    for node, mem in (("a", 1), ("b", 4), ("c", 4), ("x", 6), ("y", 6), ("z", 1)):
+        graph.add_node(node, mem=mem, cost=1)
+    graph.add_edges_from([("a", "b"), ("b", "c"), ("x", "y"), ("c", "z"), ("a", "z")])
+    return graph, ["a", "b", "c", "x", "y", "z"]
+
+
+def test_recomputation_chains_are_found():
+    graph, order = chain_graph()
+    assert peak_memory(graph, order, no_remat_intervals(graph, order)) == 17
+    assert brute_force(graph, order, 13)[0] == 2
+    result = moccasin.solve(graph, order, 13, time_limit=10, workers=2)
+    assert result.status == "optimal" and result.objective == 2
+    assert sorted(result.recomputations) == [(5, "b"), (5, "c")]
+    validate(graph, order, result.intervals, 13)
+    greedy = moccasin.greedy_schedule(graph, order, 13)
+    validate(graph, order, greedy, 13)
+    assert recompute_cost(graph, greedy) == 2
+
+
+def mark_not_recomputable(graph, share: float, seed: int):
+    rng = random.Random(seed)
+    marked = {v for v in graph.nodes if rng.random() < share}
+    for v in marked:
+        graph.nodes[v]["recompute"] = False
+    return marked
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nodes_that_must_not_be_recomputed_equal_brute_force(seed):
+    graph, order = tiny_graph(seed)
+    marked = mark_not_recomputable(graph, 0.5, seed)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    for budget in range(moccasin.lower_bound_budget(graph, order), base + 1):
+        cost, _ = brute_force(graph, order, budget)
+        result = moccasin.solve(graph, order, budget, time_limit=10, workers=2, find_smallest_budget=False)
+        if cost is None:
+            assert result.status == "infeasible", (budget, result)
+            continue
+        assert result.status == "optimal" and result.objective == pytest.approx(cost), (budget, result)
+        validate(graph, order, result.intervals, budget)
+        assert all(len(result.intervals[v]) == 1 for v in marked)
+
+
+def test_nodes_that_must_not_be_recomputed_cost_more_and_stay_single():
+    graph, order = training_chain(8)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    free = moccasin.solve(graph, order, base - 3, time_limit=10, workers=2, intervals_per_node=3)
+    for i in range(1, 8, 2):
+        graph.nodes[f"f{i}"]["recompute"] = False
+    bound = moccasin.solve(graph, order, base - 3, time_limit=10, workers=2, intervals_per_node=3)
+    assert free.status == bound.status == "optimal" and bound.objective >= free.objective
+    validate(graph, order, bound.intervals, base - 3)
+    assert all(len(bound.intervals[f"f{i}"]) == 1 for i in range(1, 8, 2))
+    for v in order:  # nothing may be recomputed: only the plain schedule is left
+        graph.nodes[v]["recompute"] = False
+    assert moccasin.solve(graph, order, base - 1, time_limit=10, workers=2).status == "infeasible"
+    assert moccasin.greedy_schedule(graph, order, base - 1, time_limit=1) is None
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.8, 0.7])
+@pytest.mark.parametrize("edges", [None, 900])
+def test_local_search_fits_layered_graphs_of_a_few_hundred_nodes(fraction, edges):
+    graph, order = random_layered_graph(300, seed=7, width=8, fan_in=4, skip=0.3, edges=edges)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * fraction)
+    intervals = moccasin.greedy_schedule(graph, order, budget, time_limit=10)
+    assert intervals is not None
+    validate(graph, order, intervals, budget)
+    assert all(len(spans) <= 2 for spans in intervals.values())
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.8])
+def test_local_search_never_recomputes_what_must_not_be(fraction):
+    graph, order = random_layered_graph(300, seed=7, width=8, fan_in=4, skip=0.3)
+    marked = mark_not_recomputable(graph, 0.3, seed=1)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * fraction)
+    intervals = moccasin.greedy_schedule(graph, order, budget, time_limit=10)
+    assert intervals is not None
+    validate(graph, order, intervals, budget)
+    assert all(len(intervals[v]) == 1 for v in marked)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_search_gives_a_valid_schedule_or_none(seed):
+    graph, order = tiny_graph(seed, n=6)
+    keep = {order[-1]}
+    base = peak_memory(graph, order, no_remat_intervals(graph, order, keep))
+    for budget in range(moccasin.lower_bound_budget(graph, order, keep) - 1, base + 1):
+        for copies in (1, 2, 3):
+            intervals = moccasin.greedy_schedule(graph, order, budget, copies, keep, time_limit=0.2)
+            if intervals is None:
+                continue
+            validate(graph, order, intervals, budget, keep=keep)
+            assert all(len(spans) <= copies for spans in intervals.values())
+            assert len(intervals[order[-1]]) == 1
+
+
+def test_phase_one_is_hinted_into_phase_two_on_a_thousand_nodes():
+    graph, order = random_layered_graph(1000, seed=1000, width=8, fan_in=4, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.8)
+    result = moccasin.solve(graph, order, budget, time_limit=3, workers=2, find_smallest_budget=False)
+    assert result.has_schedule and result.phase_one == "local search"
+    validate(graph, order, result.intervals, budget)
+    assert result.objective == recompute_cost(graph, result.intervals) <= result.trace[0][1]
