@@ -405,7 +405,7 @@ def _boxed(gm: fx.GraphModule, example_inputs) -> Callable:
     return run
 
 
-def _forward_end(joint: fx.Graph, model: MemoryModel) -> int:
+def _forward_end(model: MemoryModel) -> int:
     """Position in the order of the first backward storage node (len(order) if none)."""
     for t, unit in enumerate(model.units):
         node = unit.node
@@ -431,7 +431,7 @@ def partition(
     model = MemoryModel.from_graph(joint_module.graph, mutable_inputs)
     intervals = planner(model)
     realized, when = realize(model, intervals)
-    boundary = _forward_end(joint_module.graph, model)
+    boundary = _forward_end(model)
     realized_gm = fx.GraphModule(joint_module, realized)
     in_forward = {n for n, t in when.items() if t < boundary and not (n.op == "placeholder" and n.name.startswith("tangents"))}
     saved = []
