@@ -86,10 +86,6 @@ def is_mutating(node: fx.Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
-def _inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
-
-
 @dataclass
 class Unit:
     """One storage the step allocates: the output of ``node``, or output ``index`` of a
@@ -157,7 +153,7 @@ class MemoryModel:
             if node.op == "placeholder":
                 graph.add_node(unit.name, mem=node_bytes(node), cost=0, recompute=False)
                 continue
-            moved = node_bytes(node) + sum(node_bytes(a) for a in _inputs(node))
+            moved = node_bytes(node) + sum(node_bytes(a) for a in node.all_input_nodes)
             if node.name not in flops:
                 try:
                     flops[node.name] = node_flops(node)
@@ -171,7 +167,7 @@ class MemoryModel:
                 recompute=_recomputable(unit, mutable_inputs),
             )
         for unit in units:
-            for a in _inputs(unit.node):
+            for a in unit.node.all_input_nodes:
                 base = root.get(a)
                 if base is not None and base != unit.name:
                     graph.add_edge(base, unit.name)
