@@ -40,7 +40,8 @@ def tensor_value(node: fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's elements (symbolic sizes at their example values)."""
     numel = 1
     for size in t.shape:
         numel *= int(concrete(size))
@@ -58,7 +59,7 @@ def _flat_tensors(val: Any) -> list[torch.Tensor]:
 def node_bytes(node: fx.Node) -> int:
     """Bytes of every tensor the node outputs (0 for non-tensor nodes and views' aliases are
     counted as their own tensors: callers that need storage sharing measure it instead)."""
-    return sum(_tensor_bytes(t) for t in _flat_tensors(node.meta.get("val")))
+    return sum(tensor_bytes(t) for t in _flat_tensors(node.meta.get("val")))
 
 
 def fake_mode_of(gm: fx.GraphModule):

@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rewrite.graph import node_bytes, node_flops
+from rewrite.graph import node_bytes, node_flops, tensor_bytes
 
 aten = torch.ops.aten
 
@@ -115,10 +115,11 @@ class MemoryModel:
     flops: dict[str, int] = field(default_factory=dict)  # per op (the first unit of an op)
 
     @classmethod
-    def from_graph(cls, fx_graph: fx.Graph, mutable_inputs: frozenset[str] = frozenset()) -> MemoryModel:
+    def from_graph(cls, fx_graph: fx.Graph, mutable_inputs: frozenset[str] = frozenset(), costs: bool = True) -> MemoryModel:
         """``mutable_inputs``: placeholders the step may update in place (buffers such as
         batch-norm statistics); an op that reads one is never recomputed, since by the
-        backward the input holds its new value."""
+        backward the input holds its new value. ``costs=False`` leaves every cost 0 (for
+        memory alone: counting FLOPs runs each op on fake tensors)."""
         root: dict[fx.Node, str | None] = {}
         units: list[Unit] = []
         # The gradients coming into the backward are made contiguous inside the step (a
@@ -153,17 +154,17 @@ class MemoryModel:
             if node.op == "placeholder":
                 graph.add_node(unit.name, mem=node_bytes(node), cost=0, recompute=False)
                 continue
-            moved = node_bytes(node) + sum(node_bytes(a) for a in node.all_input_nodes)
             if node.name not in flops:
                 try:
-                    flops[node.name] = node_flops(node)
+                    flops[node.name] = node_flops(node) if costs else 0
                 except Exception:  # an op the flop counter cannot run on fake tensors: bytes only
                     flops[node.name] = 0
+            moved = node_bytes(node) + sum(node_bytes(a) for a in node.all_input_nodes)
             mem = node_bytes(next(g for g in node.users if g.name == unit.name)) if unit.index is not None else node_bytes(node)
             graph.add_node(
                 unit.name,
                 mem=mem,
-                cost=max(flops[node.name], FLOPS_PER_BYTE * moved),
+                cost=max(flops[node.name], FLOPS_PER_BYTE * moved) if costs else 0,
                 recompute=_recomputable(unit, mutable_inputs),
             )
         for unit in units:
@@ -269,7 +270,6 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
     getitems = {n.name: n for n in old.nodes if n.target is operator.getitem}
     copies: dict[str, list[tuple[int, int, fx.Node]]] = {name: [] for name in model.order}
     aliases: dict[tuple[fx.Node, fx.Node | None], fx.Node] = {}
-    ops: dict[tuple[fx.Node, object], fx.Node] = {}
 
     def storage_copy(name: str, t: int) -> fx.Node:
         for start, end, copy in copies[name]:
@@ -300,29 +300,34 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
         when[copy] = t
         return copy
 
-    events = []
+    # One op copy per first computation and per recomputation time; the outputs of a
+    # multi-output op it serves are taken right after it, so the tuple dies at once and each
+    # output lives as long as its own uses (as the memory model has it).
+    events: dict[tuple[fx.Node, object], list[tuple[int, int, int, int]]] = {}
     for name, spans in intervals.items():
+        unit = units[name]
         for k, (start, end) in enumerate(spans):
-            # at a time, recomputations run before the node of that time (k > 0 sorts first)
-            events.append((start, 0 if k else 1, position[name], k, end))
-    for start, _, pos, k, end in sorted(events):
-        unit = units[model.order[pos]]
-        if unit.node.op == "placeholder":  # an incoming gradient: there from its first use
-            copies[unit.name].append((start, end, mapped[unit.node]))
+            events.setdefault((unit.node, "first" if k == 0 else start), []).append((start, position[name], k, end))
+    # at a time, recomputations run before the node of that time (k > 0 sorts first)
+    schedule = sorted(events.items(), key=lambda item: min((s, 0 if k else 1, p) for s, p, k, _ in item[1]))
+    for (node, first), served in schedule:
+        start, _, k, _ = min(served)
+        if node.op == "placeholder":  # an incoming gradient: there from its first use
+            for s, pos, _, end in served:
+                copies[model.order[pos]].append((s, end, mapped[node]))
             continue
-        op_key = (unit.node, "first" if k == 0 else start)
-        if op_key not in ops:
-            ops[op_key] = emit(unit.node, start, unit.node.name if k == 0 else f"{unit.node.name}_recomputed", again=k > 0)
-            if k:
-                ops[op_key].meta["recomputed"] = True
-        copy = ops[op_key]
-        if unit.index is not None:
-            name = unit.name if k == 0 else f"{unit.name}_recomputed"
-            taken = new.create_node("call_function", operator.getitem, (copy, unit.index), name=name)
-            taken.meta = dict(getitems[unit.name].meta)
-            when[taken] = start
-            copy = taken
-        copies[unit.name].append((start, end, copy))
+        copy = emit(node, start, node.name if k == 0 else f"{node.name}_recomputed", again=k > 0)
+        if k:
+            copy.meta["recomputed"] = True
+        for s, pos, _, end in sorted(served, key=lambda e: e[1]):
+            unit = units[model.order[pos]]
+            held = copy
+            if unit.index is not None:
+                name = unit.name if k == 0 else f"{unit.name}_recomputed"
+                held = new.create_node("call_function", operator.getitem, (copy, unit.index), name=name)
+                held.meta = dict(getitems[unit.name].meta)
+                when[held] = start
+            copies[unit.name].append((s, end, held))
     last = len(model.order) - 1
     output = next(n for n in old.nodes if n.op == "output")
     out = new.output(fx.node.map_arg(output.args[0], lambda a: value(a, last)))
@@ -335,8 +340,9 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
 def liveness_profile(graph: fx.Graph) -> list[int]:
     """Bytes of storage alive while each node of ``graph`` runs, each freed after its last
     use (as fx's generated code and the Interpreter free them); outputs stay to the end. An
-    op's outputs are allocated when it runs."""
-    model = MemoryModel.from_graph(graph)
+    op's outputs are all allocated when it runs, and the tuple of a multi-output op holds
+    every output until the op's last ``getitem`` has run (outputs nobody takes included)."""
+    model = MemoryModel.from_graph(graph, costs=False)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use: dict[str, int] = {}
@@ -348,16 +354,31 @@ def liveness_profile(graph: fx.Graph) -> list[int]:
     end = len(nodes) - 1
     for name in model.keep:
         last_use[name] = end
-    delta = [0] * (len(nodes) + 1)
     first_use = {}
     for n in nodes:
         for a in n.all_input_nodes:
             first_use.setdefault(a, index[n])
+    tuple_end = {n: max(index[u] for u in n.users) for n in nodes if _is_split(n)}
+    delta = [0] * (len(nodes) + 1)
+
+    def alive(mem: int, born: int, dies: int) -> None:
+        delta[born] += mem
+        delta[max(dies, born) + 1] -= mem
+
+    taken: dict[fx.Node, set[int]] = {}
     for unit in model.units:
         mem = model.graph.nodes[unit.name]["mem"]
-        born = first_use.get(unit.node, index[unit.node]) if unit.node.op == "placeholder" else index[unit.node]
-        delta[born] += mem
-        delta[max(last_use.get(unit.name, born), born) + 1] -= mem
+        node = unit.node
+        born = first_use.get(node, index[node]) if node.op == "placeholder" else index[node]
+        dies = last_use.get(unit.name, born)
+        if unit.index is not None:
+            dies = max(dies, tuple_end[node])
+            taken.setdefault(node, set()).add(unit.index)
+        alive(mem, born, dies)
+    for node, end_of_tuple in tuple_end.items():
+        for i, value in enumerate(node.meta["val"]):
+            if i not in taken.get(node, ()) and isinstance(value, torch.Tensor):
+                alive(tensor_bytes(value), index[node], end_of_tuple)
     profile, running = [], 0
     for i in range(len(nodes)):
         running += delta[i]

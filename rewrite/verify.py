@@ -86,12 +86,12 @@ def _error(name: str, after: torch.Tensor, before: torch.Tensor) -> TensorError:
     return TensorError(name, before.dtype, max_abs, rel)
 
 
-def _run(gm: fx.GraphModule, args: tuple, kwargs: dict, seed: int, targets: list[str]):
-    """Forward + backward of sum(out * w) with fixed random w; grads for the float inputs
-    and the parameters named in ``targets``."""
+def _run(gm: fx.GraphModule, args: tuple, kwargs: dict, seed: int, targets: list[str], input_grads: bool = True):
+    """Forward + backward of sum(out * w) with fixed random w; grads for the parameters named
+    in ``targets`` and, with ``input_grads``, for the float inputs."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     inputs = [
-        t.detach().clone().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        t.detach().clone().requires_grad_(input_grads) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
         for t in leaves
     ]
     call_args, call_kwargs = pytree.tree_unflatten(inputs, spec)
@@ -126,7 +126,11 @@ def _run(gm: fx.GraphModule, args: tuple, kwargs: dict, seed: int, targets: list
 
 
 def compare(before: fx.GraphModule, after: fx.GraphModule, args: tuple, kwargs: dict, seed: int = 0) -> Numerics:
-    """Numerics of ``after`` against ``before`` on the given inputs."""
+    """Numerics of ``after`` against ``before`` on the given inputs.
+
+    A graph with a training schedule (remat) is checked on the step it was planned for: the
+    example inputs as given, so gradients of the parameters only (inputs that needed
+    gradients would make another training graph, planned and solved again)."""
     after_params = dict(after.named_parameters())
     shared = [
         name
@@ -140,10 +144,11 @@ def compare(before: fx.GraphModule, after: fx.GraphModule, args: tuple, kwargs: 
             for tensor, value in buffers.values():
                 tensor.copy_(value)
 
+    input_grads = "training_step" not in getattr(after, "meta", {})
     try:
-        outs_b, grads_b, saved_b = _run(before, args, kwargs, seed, shared)
+        outs_b, grads_b, saved_b = _run(before, args, kwargs, seed, shared, input_grads)
         restore()
-        outs_a, grads_a, saved_a = _run(after, args, kwargs, seed, shared)
+        outs_a, grads_a, saved_a = _run(after, args, kwargs, seed, shared, input_grads)
     finally:
         restore()
 

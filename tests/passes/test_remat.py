@@ -443,6 +443,28 @@ def test_inference_budget_too_small_is_a_clear_error():
         optimize(model, [Remat(graph="inference", budget=0.05, time_limit=3)], (torch.randn(64, 128),), mode="eval")
 
 
+class SortedValues(nn.Module):
+    def forward(self, x):
+        a = x.exp()
+        values, _ = torch.sort(a, dim=1)  # the int64 indices, the larger output, are not read
+        return values.cos().sum()
+
+
+def test_outputs_an_op_allocates_together_count_against_the_budget():
+    # 64x64: a 16 KiB, sort's values 16 KiB and indices 32 KiB, all alive while sort runs;
+    # the solver counts sort's outputs one at a time (48 KiB at most), the step needs 64 KiB
+    x = torch.randn(64, 64)
+    model = SortedValues()
+    with pytest.raises(PassError, match=r'once written out.*budget="65536B" fits') as error:
+        optimize(model, [Remat(graph="inference", budget=0.9, time_limit=3)], (x,), mode="eval", verify=False)
+    assert "64.0 KiB" in str(error.value)
+    m = optimize(model, [Remat(graph="inference", budget="65536B", time_limit=3)], (x,), mode="eval")
+    figures = m.report["remat"].figures
+    assert figures["simulated_peak_before"] == figures["simulated_peak_after"] == "64.0 KiB"
+    with torch.no_grad():
+        assert measure_peak(lambda: m(x)) == 65536
+
+
 # --------------------------------------------------------------------------- 6. contracts
 
 
@@ -462,6 +484,8 @@ def test_cli_spec_string_with_verification(capfd):
     _assert_all_close(_grads(m, inputs), _grads(copy.deepcopy(model), inputs))
     # progress=False (the default): nothing on stderr, although verifying ran the step again
     assert capfd.readouterr().err == ""
+    # verifying checks the step that was planned (the inputs as given): nothing planned twice
+    assert len(m.meta["training_step"].partitions) == 1
 
 
 def test_deepcopy_trains_with_its_own_parameters(planned):
