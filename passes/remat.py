@@ -166,7 +166,7 @@ class Remat(Pass):
         0.5, "memory budget: a fraction of the unmodified step's peak of intermediate tensors, or a size such as 1.5GB"
     )
     solver: str = option("moccasin", "schedule solver: moccasin (CP-SAT, exact given time) ")
-    time_limit: float = option(60.0, "seconds the solver may take per schedule")
+    time_limit: float = option(60.0, "seconds the solver may take per schedule (per solve: one solved again takes as long again)")
     graph: str = option("training", "training (forward+backward step) or inference (forward only)")
     intervals: int = option(2, "retention intervals per tensor: at most intervals-1 recomputations each")
     workers: int = option(0, "solver threads (0: one per CPU core)")

@@ -310,7 +310,7 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
             events.setdefault((unit.node, "first" if k == 0 else start), []).append((start, position[name], k, end))
     # at a time, recomputations run before the node of that time (k > 0 sorts first)
     schedule = sorted(events.items(), key=lambda item: min((s, 0 if k else 1, p) for s, p, k, _ in item[1]))
-    for (node, first), served in schedule:
+    for (node, _), served in schedule:
         start, _, k, _ = min(served)
         if node.op == "placeholder":  # an incoming gradient: there from its first use
             for s, pos, _, end in served:

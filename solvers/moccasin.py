@@ -298,9 +298,12 @@ def solve(
     progress = _Progress(started, cheapest.scale)
     status = solver.solve(cheapest.model, progress)
     trace = [(seconds_to_first, first_cost)]
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.objective_value / cheapest.scale <= first_cost:
+    # Compared on CP-SAT's integer costs: the scaled float costs round differently, and a
+    # proved optimum equal to the hint must not read as worse than it.
+    first_scaled = sum(cheapest.costs[node] * (len(spans) - 1) for node, spans in first.items())
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.objective_value <= first_scaled:
         intervals = cheapest.intervals(solver)
-        objective = solver.objective_value / cheapest.scale
+        objective = recompute_cost(graph, intervals)
         bound = solver.best_objective_bound / cheapest.scale
         label = _STATUS[status]
         trace += [(seconds, value) for seconds, value in progress.trace if value < trace[-1][1]]

@@ -115,6 +115,26 @@ def test_optimal_on_tiny_graphs_equals_brute_force(seed):
             assert result.peak == peak_memory(graph, order, result.intervals) <= budget
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_float_costs_are_proved_optimal_like_integer_ones(seed):
+    # costs CP-SAT has to scale to integers (FLOP and byte counts): a proved optimum equal to
+    # the phase-one schedule is still reported optimal, with the float cost of the schedule
+    graph, order = tiny_graph(seed)
+    for v in graph.nodes:
+        graph.nodes[v]["cost"] = graph.nodes[v]["cost"] * 1.37e8 / 3
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    lowest = moccasin.lower_bound_budget(graph, order)
+    for budget in range(lowest, base):
+        cost, _ = brute_force(graph, order, budget)
+        if cost is None:
+            continue
+        result = moccasin.solve(graph, order, budget, time_limit=10, workers=2)
+        assert result.status == "optimal", (budget, result)
+        assert result.objective == pytest.approx(cost, rel=1e-5)
+        assert result.objective == recompute_cost(graph, result.intervals)
+        assert result.bound == pytest.approx(result.objective, rel=1e-5)
+
+
 def test_training_chain_trades_memory_for_recomputation():
     graph, order = training_chain(8)
     base = peak_memory(graph, order, no_remat_intervals(graph, order))
