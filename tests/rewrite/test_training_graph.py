@@ -196,12 +196,6 @@ def _two_outputs_apart(x):
     return wide.sum() + values.sum() + m.cos().sum(), indices
 
 
-def _interpreted_peak(gm: fx.GraphModule, graph: fx.Graph, inputs: list) -> int:
-    """Measured peak of running ``graph`` through the Interpreter (freeing after last use)."""
-    module = fx.GraphModule(gm, graph)
-    return measure_peak(lambda: fx.Interpreter(module).run(*inputs, enable_io_processing=False))
-
-
 def test_a_tuple_holds_every_output_until_its_last_getitem():
     # max's indices are never taken apart: the tuple holds them until its last getitem
     def only_values(x):
@@ -219,7 +213,7 @@ def test_a_tuple_holds_every_output_until_its_last_getitem():
     assert profile[at[aten.max.dim]] == 2048 + 32 + 64
     assert profile[at[operator.getitem]] == 32 + 64
     assert profile[at[aten.mul.Tensor]] == 32 + 32
-    assert max(profile) == _interpreted_peak(gm, gm.graph, [x])
+    assert max(profile) == measure_peak(lambda: _run_flat(gm.graph, [x]))
 
 
 def test_realize_takes_a_multi_output_op_apart_at_once():
@@ -246,7 +240,7 @@ def test_realize_takes_a_multi_output_op_apart_at_once():
             taken = [u for u in node.users if u.target is operator.getitem]
             assert {nodes.index(u) for u in taken} == set(range(i + 1, i + 1 + len(taken))), node.name
     # the recomputed max's indices are allocated again (not taken, freed with the tuple)
-    assert max(liveness_profile(realized)) == _interpreted_peak(gm, realized, [x])
+    assert max(liveness_profile(realized)) == measure_peak(lambda: _run_flat(realized, [x]))
     got = fx.GraphModule(gm, realized)(x)
     for g, w in zip(got, gm(x)):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
