@@ -20,8 +20,10 @@ same bytes for every method. For every method, in one process:
 
 Methods:
 
-- ours: ``optimize(model, [passes.Remat(budget="<b*P0>B")], (x,))``; a PassError (no schedule
-  at that budget) is "no schedule";
+- ours: ``optimize(model, [passes.Remat(budget="<b*P0>B", cost=c)], (x,))`` for each cost
+  model c of ``--cost`` (default roofline, the pass's default, and flops); a PassError (no
+  schedule at that budget) is "no schedule". The per-budget table shows the first; the
+  "ours by cost model" table and the summary show each;
 - min-cut: ``aot_module`` with ``min_cut_rematerialization_partition`` and
   ``torch._functorch.config.activation_memory_budget`` = s, for s on a grid. Its knob is a
   fraction of the activations *it* would save, not of the peak, so two readings: "min-cut @b"
@@ -33,11 +35,12 @@ Methods:
   ``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)``; one peak whatever b.
 
 Aim: meet every budget any baseline meets, with no more recompute FLOPs than the best baseline
-that meets it; and list the budgets only ours meets.
+that meets it; and list the budgets only ours meets. Judged for each cost model.
 
     python benchmarks/remat_models.py                 # three models, budgets 0.4..0.9 (about 11 min on 2 cores)
     python benchmarks/remat_models.py --quick         # smaller models, two budgets (smoke run, 1.5 min)
     python benchmarks/remat_models.py --models mlp --time-limit 10
+    python benchmarks/remat_models.py --cost measured    # ours with each op timed on this machine
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import passes  # noqa: E402
 from rewrite import PassError, optimize  # noqa: E402
 from rewrite.report import format_bytes  # noqa: E402
-from rewrite.training_graph import measure_peak  # noqa: E402
+from rewrite.training_graph import COST_MODELS, measure_peak  # noqa: E402
 from common import machine  # noqa: E402
 
 BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -270,6 +273,7 @@ class Method:
     every: int | None = None  # checkpoint: every k-th block
     note: str = ""
     failed: bool = False  # ours: the pass raised something other than "no schedule"
+    cost: str | None = None  # ours: the cost model it was planned with
     solve_seconds: float = 0.0
     simulated_peak: int | None = None
     # measured
@@ -332,22 +336,24 @@ def build_mincut(model: nn.Module, setting: float, inputs: tuple, params) -> Met
     return Method(f"min-cut s={setting:g}", module, "graph-decomposed", setting=setting, solve_seconds=time.perf_counter() - started)
 
 
-def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_limit: float, workers: int) -> Method:
+def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_limit: float, workers: int,
+               cost: str = "roofline") -> Method:
     budget_bytes = int(budget * p0)
     started = time.perf_counter()
     try:
         # verify=False: the numerics check traces again with inputs that need gradients and
         # plans that step too (a second solve); the gradients are checked against eager below.
-        module = optimize(model, [passes.Remat(budget=f"{budget_bytes}B", time_limit=time_limit, workers=workers)],
-                          inputs, verify=False)  # fmt: skip
+        remat = passes.Remat(budget=f"{budget_bytes}B", time_limit=time_limit, workers=workers, cost=cost)
+        module = optimize(model, [remat], inputs, verify=False)
     except PassError as exc:
         # "no schedule": infeasible, or none found in the time; anything else is a failure.
         message = str(exc).splitlines()[0]
-        method = Method(f"ours b={budget:g}", None, "graph", budget=budget, note=message)
+        method = Method(f"ours {cost} b={budget:g}", None, "graph", budget=budget, note=message, cost=cost)
         method.failed = "no schedule" not in message
         method.solve_seconds = time.perf_counter() - started
         return method
-    method = Method(f"ours b={budget:g}", module, "graph", budget=budget, solve_seconds=time.perf_counter() - started)
+    method = Method(f"ours {cost} b={budget:g}", module, "graph", budget=budget, cost=cost,
+                    solve_seconds=time.perf_counter() - started)  # fmt: skip
     method.note = module.report["remat"].figures.get("solver", "")
     partitions = module.meta["training_step"].partitions
     method.simulated_peak = next(reversed(partitions.values())).simulated_peak
@@ -357,7 +363,8 @@ def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_lim
 # --------------------------------------------------------------------------- one model
 
 
-def run_case(case: Case, budgets, settings, time_limit: float, workers: int, steps: int, log) -> dict:
+def run_case(case: Case, budgets, settings, time_limit: float, workers: int, steps: int, log,
+             costs: tuple[str, ...] = ("roofline",)) -> dict:
     model, inputs = case.model, case.inputs
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -392,11 +399,13 @@ def run_case(case: Case, budgets, settings, time_limit: float, workers: int, ste
     phases["min-cut partitions"] = time.perf_counter() - started
     started = time.perf_counter()
     ours = []
-    for budget in budgets:
-        method = build_ours(model, budget, p0, inputs, time_limit, workers)
-        status = ("FAILED" if method.failed else "no schedule") if method.module is None else method.note
-        log(f"  ours at b={budget:g} ({format_bytes(int(budget * p0))}): {status}; optimize took {method.solve_seconds:.1f} s")
-        ours.append(method)
+    for cost in costs:
+        for budget in budgets:
+            method = build_ours(model, budget, p0, inputs, time_limit, workers, cost)
+            status = ("FAILED" if method.failed else "no schedule") if method.module is None else method.note
+            log(f"  ours ({cost}) at b={budget:g} ({format_bytes(int(budget * p0))}): {status}; "
+                f"optimize took {method.solve_seconds:.1f} s")  # fmt: skip
+            ours.append(method)
     phases["ours (optimize)"] = time.perf_counter() - started
     methods += [m for m in ours if m.module is not None]
     started = time.perf_counter()
@@ -416,11 +425,13 @@ def run_case(case: Case, budgets, settings, time_limit: float, workers: int, ste
         "references": {key: _row(m, references) for key, m in references.items()},
         "checkpoint": [_row(m, references) for m in methods if m.every],
         "mincut": [_row(m, references) for m in methods if m.setting is not None],
-        "ours": [_row(m, references) for m in ours],
+        "ours": [_row(m, references) for m in ours if m.cost == costs[0]],
+        "ours_by_cost": {cost: [_row(m, references) for m in ours if m.cost == cost] for cost in costs},
         "budgets": list(budgets),
         "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
     }
     result["verdict"] = verdict(result)
+    result["verdict_by_cost"] = {cost: verdict({**result, "ours": rows}) for cost, rows in result["ours_by_cost"].items()}
     return result
 
 
@@ -433,6 +444,7 @@ def _row(method: Method, references: dict[str, Method]) -> dict:
         "budget": method.budget,
         "setting": method.setting,
         "every": method.every,
+        "cost": method.cost,
         "scheduled": method.module is not None,
         "failed": method.failed,
         "note": method.note,
@@ -558,13 +570,21 @@ def print_tables(result: dict, log) -> None:
         )
         tuned_text = f"| {best_tuned['setting']:g} {_cell(best_tuned, budget)}" if best_tuned else "| none meets | | | | "
         log(f"| {budget:g} {_cell(ours, budget)}| {sim} {_cell(at_b, budget)}{tuned_text}| {ckpt} |")
-    bad = [r for r in [*result["checkpoint"], *result["mincut"], *result["ours"]]
+    all_ours = [r for rows in result["ours_by_cost"].values() for r in rows]
+    if len(result["ours_by_cost"]) > 1:
+        log("\nOurs by cost model (the Remat option cost; peak/P0 measured, +FLOPs, +written, time x graph):\n")
+        log("| b | " + " | ".join(f"{c}: peak/P0 | +FLOPs | +written | time x" for c in result["ours_by_cost"]) + " |")
+        log("|" + "---|" * (1 + 4 * len(result["ours_by_cost"])))
+        for budget in result["budgets"]:
+            cells = "".join(_cell(next(r for r in rows if r["budget"] == budget), budget) for rows in result["ours_by_cost"].values())
+            log(f"| {budget:g} {cells}|")
+    bad = [r for r in [*result["checkpoint"], *result["mincut"], *all_ours]
            if r["scheduled"] and r["grad_error"] > GRAD_TOLERANCE]  # fmt: skip
-    worst = max((r["grad_error"] for r in [*result["checkpoint"], *result["mincut"], *result["ours"]] if r["scheduled"]),
+    worst = max((r["grad_error"] for r in [*result["checkpoint"], *result["mincut"], *all_ours] if r["scheduled"]),
                 default=0.0)  # fmt: skip
     log(f"\nGradients against the eager step: worst relative error {worst:.1e}"
         + (f"; ABOVE {GRAD_TOLERANCE:g}: {', '.join(r['method'] for r in bad)}" if bad else ""))  # fmt: skip
-    for row in result["ours"]:
+    for row in all_ours:
         log(f"  {row['method']}: {row['note']} "
             f"(optimize {row['prepare_seconds']:.1f} s)")  # fmt: skip
 
@@ -573,29 +593,36 @@ def print_summary(results: list[dict], log) -> None:
     log("\n## Summary\n")
     log("Baselines: checkpoint every block / every 2nd block, min-cut with s=b, and min-cut tuned (cheapest grid "
         "setting that meets b). 'best' is the baseline with the fewest FLOPs among those that meet b.\n")  # fmt: skip
-    log("| model | b | baselines that meet b | best baseline: +FLOPs, +written | ours meets? | ours +FLOPs, +written "
+    log("| model | b | baselines that meet b | best baseline: +FLOPs, +written | ours (cost) meets? | ours +FLOPs, +written "
         "| ours FLOPs <= best? |")  # fmt: skip
     log("|---|---|---|---|---|---|---|")
-    for result in results:
-        short = result["model"].split(" (")[0]
-        for v in result["verdict"]["per_budget"]:
+    for result, cost, v in _verdicts(results):
+        short = f"{result['model'].split(' (')[0]}"
+        for v in v["per_budget"]:
             met = ", ".join(v["baselines_met"]) or "none"
             best = ("-" if v["best_baseline"] is None else
                     f"{v['best_baseline']}: {_pct(v['best_flops_overhead'])}, {_pct(v['best_written_overhead'])}")
             ok = "-" if v["ours_no_more_flops"] is None else ("yes" if v["ours_no_more_flops"] else "NO")
             ours = "-" if v["ours_flops_overhead"] is None else f"{_pct(v['ours_flops_overhead'])}, {_pct(v['ours_written_overhead'])}"
-            log(f"| {short} | {v['budget']:g} | {met} | {best} | {'yes' if v['ours_met'] else 'NO (' + v['ours_status'] + ')'} "
+            log(f"| {short} | {v['budget']:g} | {met} | {best} | ({cost}) {'yes' if v['ours_met'] else 'NO (' + v['ours_status'] + ')'} "
                 f"| {ours} | {ok} |")  # fmt: skip
     log("")
-    for result in results:
-        short = result["model"].split(" (")[0]
-        v = result["verdict"]
+    for result, cost, v in _verdicts(results):
+        short = f"{result['model'].split(' (')[0]}, cost {cost}"
         untuned = [p["budget"] for p in v["per_budget"] if p["ours_met"] and not p["untuned_met"]]
         log(f"- {short}: aim {'met' if v['aim_met'] else 'NOT met'}; budgets only ours meets: "
             f"{', '.join(f'{b:g}' for b in v['only_ours']) or 'none'}; budgets ours meets and no untuned baseline "
             f"(checkpoint, min-cut s=b) does: {', '.join(f'{b:g}' for b in untuned) or 'none'}")  # fmt: skip
-    log(f"\nAim (every budget a baseline meets, met by ours with no more FLOPs than the best of them): met on "
-        f"{sum(r['verdict']['aim_met'] for r in results)} of {len(results)} models")  # fmt: skip
+    for cost in results[0]["verdict_by_cost"] if results else ():
+        log(f"\nAim (every budget a baseline meets, met by ours with no more FLOPs than the best of them), cost {cost}: "
+            f"met on {sum(r['verdict_by_cost'][cost]['aim_met'] for r in results)} of {len(results)} models")  # fmt: skip
+
+
+def _verdicts(results: list[dict]):
+    """(result, cost model, verdict) for each model and each cost model ours ran with."""
+    for result in results:
+        for cost, v in result["verdict_by_cost"].items():
+            yield result, cost, v
 
 
 # --------------------------------------------------------------------------- entry points
@@ -617,6 +644,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--time-limit", type=float, default=None, help="seconds per remat solve (default 30, quick 3)")
     _add(parser, "--workers", type=int, default=os.cpu_count() or 1, help="CP-SAT workers")
     _add(parser, "--steps", type=int, default=None, help="timed steps per method (default 5, quick 2)")
+    _add(parser, "--cost", default="roofline,flops",
+         help=f"cost models ours plans with, comma-separated, from {','.join(COST_MODELS)} (the first leads the tables)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -631,6 +660,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     time_limit = getattr(args, "time_limit", None) or (3.0 if quick else 30.0)
     steps = getattr(args, "steps", None) or (2 if quick else 5)
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
+    costs = tuple(c.strip() for c in getattr(args, "cost", "roofline,flops").split(",") if c.strip())
+    if not costs or any(c not in COST_MODELS for c in costs):
+        raise SystemExit(f"--cost: choose from {', '.join(COST_MODELS)} (got {getattr(args, 'cost', '')!r})")
 
     def log(line: str = "") -> None:
         print(line, flush=True)
@@ -638,12 +670,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     log("\n## remat on real models: ours vs min-cut (activation_memory_budget) vs torch.utils.checkpoint\n")
     log(f"machine: {machine()}; remat time limit {time_limit:g} s per solve, {workers} CP-SAT workers; "
         f"budgets {', '.join(f'{b:g}' for b in budgets)}; min-cut settings {', '.join(f'{s:g}' for s in settings)}; "
-        f"{steps} timed steps")  # fmt: skip
+        f"{steps} timed steps; ours with cost {', '.join(costs)}")  # fmt: skip
     log(f"code: {code_state()}")
     results = []
     for name in names:
         started = time.perf_counter()
-        result = run_case(CASES[name](quick), budgets, settings, time_limit, workers, steps, log)
+        result = run_case(CASES[name](quick), budgets, settings, time_limit, workers, steps, log, costs)
         result["seconds"] = round(time.perf_counter() - started, 1)
         print_tables(result, log)
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in result["phase_seconds"].items())

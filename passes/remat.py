@@ -16,6 +16,12 @@ least found in ``time_limit`` seconds.
 - ``graph="inference"``: the forward graph alone, for running a model within a memory limit
   (the edge-device case); recomputations become copies of nodes in the graph itself.
 
+What a recomputation costs is the ``cost`` model's (``rewrite.training_graph.COST_MODELS``):
+``roofline`` (default) prices an op at the larger of its FLOPs and 10 per byte it moves, near
+its time when ops run one by one as here; ``flops`` at its FLOPs plus one per byte, so the
+schedule recomputes the fewest matmul/convolution FLOPs, pointwise ops before them;
+``measured`` times every op of the graph on this machine (seconds more to plan).
+
 The budget is a fraction of the unmodified step's peak memory of intermediate tensors
 (activations, gradients, temporaries; not the parameters or inputs), or an absolute size
 ("1.5GB", "800MiB"). Exact: outputs and gradients equal the original's up to float rounding
@@ -38,6 +44,7 @@ from rewrite.graph import module_path, op_name
 from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option
 from rewrite.report import format_bytes
 from rewrite.training_graph import (
+    COST_MODELS,
     MemoryModel,
     Partition,
     ScheduledTraining,
@@ -98,7 +105,12 @@ class _Planner:
         problem = (
             tuple(model.order),
             tuple(sorted(model.graph.edges)),
-            tuple((n, d["mem"], d["cost"], d["recompute"]) for n, d in model.graph.nodes(data=True)),
+            # measured costs differ run to run: the same step traced again is known by its ops
+            tuple(
+                (n, d["mem"], d["cost"] if self.remat.cost != "measured" else None, d["recompute"])
+                for n, d in model.graph.nodes(data=True)
+            ),
+            tuple(str(u.node.target) for u in model.units),
             tuple(sorted(model.keep)),
             budget,
         )
@@ -170,11 +182,18 @@ class Remat(Pass):
     graph: str = option("training", "training (forward+backward step) or inference (forward only)")
     intervals: int = option(2, "retention intervals per tensor: at most intervals-1 recomputations each")
     workers: int = option(0, "solver threads (0: one per CPU core)")
+    cost: str = option(
+        "roofline",
+        "what a recomputation costs: roofline (the larger of FLOPs and 10 per byte moved: time when ops run one by one), "
+        "flops (FLOPs plus one per byte: fewest recomputed matmul/conv FLOPs) or measured (each op timed on this machine)",
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.solver != "moccasin":
             raise ValueError(f"option solver={self.solver!r}: the solver is 'moccasin'")
+        if self.cost not in COST_MODELS:
+            raise ValueError(f"option cost={self.cost!r}: choose one of {', '.join(COST_MODELS)}")
         if self.graph not in ("training", "inference"):
             raise ValueError(f"option graph={self.graph!r}: choose 'training' or 'inference'")
         if isinstance(self.budget, str):
@@ -204,7 +223,7 @@ class Remat(Pass):
 
     def _run_training(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         planner = _Planner(self)
-        step = ScheduledTraining(planner)
+        step = ScheduledTraining(planner, cost=self.cost)
         args, kwargs = ctx.example_args, ctx.example_kwargs
         if not any(p.requires_grad for p in gm.parameters()):
             raise self.fail("the model has no parameter that requires grad: use graph=\"inference\" to run it in less memory")
@@ -258,6 +277,7 @@ class Remat(Pass):
                 "simulated_peak_before": format_bytes(plain_peak),
                 "simulated_peak_after": format_bytes(part.simulated_peak),
                 "solver": _solver_text(schedule),
+                "cost_model": self.cost,
                 "recompute_cost": f"{schedule.objective:.4g} (bound {schedule.bound:.4g})"
                 if schedule.objective is not None
                 else "none",
@@ -279,7 +299,7 @@ class Remat(Pass):
     # ------------------------------------------------------------------ inference
 
     def _run_inference(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        model = MemoryModel.from_graph(gm.graph)
+        model = MemoryModel.from_graph(gm.graph, cost=self.cost)
         planner = _Planner(self)
         try:
             intervals = planner(model)

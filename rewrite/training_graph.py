@@ -18,15 +18,27 @@ nodes alive there; a node is alive from its computation to its last use, outputs
 outputs and the gradients) to the end. ``measure_peak`` measures the same quantity for real:
 the peak bytes of the storages allocated while a function runs and still alive.
 
-Cost. FLOPs from ``torch.utils.flop_counter`` for the ops it knows (matmuls, convolutions,
-attention); for every op also the bytes it reads and writes, at ``FLOPS_PER_BYTE`` FLOPs a byte
-(a roofline: the cost is the larger of the two). Random ops (``nondeterministic_seeded``) are
-never recomputed: a second draw would differ.
+Cost of running an op once, by one of ``COST_MODELS``:
+
+- ``roofline`` (the default): the larger of its FLOPs (``torch.utils.flop_counter``, which
+  counts matmuls, convolutions and attention) and ``FLOPS_PER_BYTE`` times the bytes it reads
+  and writes. Close to the time an op takes when each op runs on its own, as these graphs do:
+  a pointwise op over a large tensor can cost more than a small convolution.
+- ``flops``: its FLOPs plus one per byte it moves. Recomputing a matmul or convolution weighs
+  far more than a pointwise op over the same tensors (what PyTorch's min-cut partitioner
+  assumes, as it is where pointwise ops are fused); it minimises the recomputed FLOPs.
+- ``measured``: the time the op takes on this machine, in nanoseconds, run on random tensors
+  of its inputs' shapes (``measure_op_times``); an op that cannot run that way gets its
+  roofline cost at the measured ops' typical time per unit.
+
+Random ops (``nondeterministic_seeded``) are never recomputed: a second draw would differ.
 """
 
 from __future__ import annotations
 
+import math
 import operator
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,13 +52,14 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rewrite.graph import node_bytes, node_flops, tensor_bytes
+from rewrite.graph import concrete, node_bytes, node_flops, tensor_bytes
 
 aten = torch.ops.aten
 
 # Machine balance used to put memory-bound ops on the FLOP scale (about that of a CPU core or
 # a GPU's pointwise path; only the ratio between ops matters to the solvers).
 FLOPS_PER_BYTE = 10
+COST_MODELS = ("roofline", "flops", "measured")
 
 # Ops whose output shares its input's storage although their schema does not say so.
 _STORAGE_SHARING = {aten._unsafe_view.default, aten.alias.default, aten.detach.default}
@@ -115,11 +128,16 @@ class MemoryModel:
     flops: dict[str, int] = field(default_factory=dict)  # per op (the first unit of an op)
 
     @classmethod
-    def from_graph(cls, fx_graph: fx.Graph, mutable_inputs: frozenset[str] = frozenset(), costs: bool = True) -> MemoryModel:
+    def from_graph(
+        cls, fx_graph: fx.Graph, mutable_inputs: frozenset[str] = frozenset(), cost: str | None = "roofline"
+    ) -> MemoryModel:
         """``mutable_inputs``: placeholders the step may update in place (buffers such as
         batch-norm statistics); an op that reads one is never recomputed, since by the
-        backward the input holds its new value. ``costs=False`` leaves every cost 0 (for
-        memory alone: counting FLOPs runs each op on fake tensors)."""
+        backward the input holds its new value. ``cost``: one of ``COST_MODELS`` (see the
+        module's docstring), or None to leave every cost 0 (for memory alone: counting FLOPs
+        runs each op on fake tensors)."""
+        if cost is not None and cost not in COST_MODELS:
+            raise ValueError(f"cost model {cost!r}: choose one of {', '.join(COST_MODELS)}")
         root: dict[fx.Node, str | None] = {}
         units: list[Unit] = []
         # The gradients coming into the backward are made contiguous inside the step (a
@@ -149,24 +167,29 @@ class MemoryModel:
                 units.append(Unit(node.name, node))
         graph = nx.DiGraph()
         flops: dict[str, int] = {}
+        op_cost: dict[fx.Node, float] = {}
+        for unit in units:
+            node = unit.node
+            if node.op == "placeholder" or node.name in flops:
+                continue
+            try:
+                flops[node.name] = node_flops(node) if cost is not None else 0
+            except Exception:  # an op the flop counter cannot run on fake tensors: bytes only
+                flops[node.name] = 0
+            moved = node_bytes(node) + sum(node_bytes(a) for a in node.all_input_nodes)
+            if cost == "flops":
+                op_cost[node] = flops[node.name] + moved
+            else:
+                op_cost[node] = max(flops[node.name], FLOPS_PER_BYTE * moved) if cost is not None else 0
+        if cost == "measured":
+            op_cost = _measured_costs(op_cost)
         for unit in units:
             node = unit.node
             if node.op == "placeholder":
                 graph.add_node(unit.name, mem=node_bytes(node), cost=0, recompute=False)
                 continue
-            if node.name not in flops:
-                try:
-                    flops[node.name] = node_flops(node) if costs else 0
-                except Exception:  # an op the flop counter cannot run on fake tensors: bytes only
-                    flops[node.name] = 0
-            moved = node_bytes(node) + sum(node_bytes(a) for a in node.all_input_nodes)
             mem = node_bytes(next(g for g in node.users if g.name == unit.name)) if unit.index is not None else node_bytes(node)
-            graph.add_node(
-                unit.name,
-                mem=mem,
-                cost=max(flops[node.name], FLOPS_PER_BYTE * moved) if costs else 0,
-                recompute=_recomputable(unit, mutable_inputs),
-            )
+            graph.add_node(unit.name, mem=mem, cost=op_cost[node], recompute=_recomputable(unit, mutable_inputs))
         for unit in units:
             for a in unit.node.all_input_nodes:
                 base = root.get(a)
@@ -197,6 +220,67 @@ class MemoryModel:
 
 
 _BATCH_NORM = aten._native_batch_norm_legit_functional.default
+
+
+def _real_like(value: Any) -> Any:
+    """A real tensor with ``value``'s shape, strides, dtype and device (random floats, zero
+    integers: valid indices), or the value itself when it is not a tensor."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_real_like(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return concrete(value)
+    shape = [int(concrete(s)) for s in value.shape]
+    stride = [int(concrete(s)) for s in value.stride()]
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+    device = value.device
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        flat = torch.randn(size, dtype=value.dtype, device=device)
+    else:
+        flat = torch.zeros(size, dtype=value.dtype, device=device)
+    return flat.as_strided(shape, stride)
+
+
+def measure_op_times(nodes: list[fx.Node], repeats: int = 3) -> dict[fx.Node, float | None]:
+    """Seconds each call_function node takes on this machine: the fastest of ``repeats`` runs
+    after one warm-up, on tensors made from its inputs' ``meta["val"]`` (``_real_like``) and
+    freed after it. None for a node that cannot run that way (its metadata is missing, or
+    its op needs values random ones do not give)."""
+    times: dict[fx.Node, float | None] = {}
+    for node in nodes:
+        times[node] = None
+        if node.op != "call_function" or any("val" not in a.meta for a in node.all_input_nodes):
+            continue
+        try:
+            args = fx.node.map_arg(node.args, lambda a: _real_like(a.meta["val"]))
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: _real_like(a.meta["val"]))
+            cuda = any(
+                t.is_cuda for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+            )
+            best = math.inf
+            with torch.no_grad():
+                for i in range(repeats + 1):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    out = node.target(*args, **kwargs)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if i:
+                        best = min(best, time.perf_counter() - started)
+                    del out
+            times[node] = best
+        except Exception:
+            continue
+    return times
+
+
+def _measured_costs(roofline: dict[fx.Node, float]) -> dict[fx.Node, float]:
+    """Nanoseconds per op (``measure_op_times``); an op that cannot be timed gets its roofline
+    cost at the median time per roofline unit of the ops that could."""
+    times = measure_op_times(list(roofline))
+    ratios = sorted(t / roofline[n] for n, t in times.items() if t is not None and roofline[n] > 0)
+    per_unit = ratios[len(ratios) // 2] if ratios else 1e-9 / FLOPS_PER_BYTE
+    return {n: 1e9 * (t if t is not None else roofline[n] * per_unit) for n, t in times.items()}
 
 
 def _is_training_batch_norm(node: fx.Node) -> bool:
@@ -342,7 +426,7 @@ def liveness_profile(graph: fx.Graph) -> list[int]:
     use (as fx's generated code and the Interpreter free them); outputs stay to the end. An
     op's outputs are all allocated when it runs, and the tuple of a multi-output op holds
     every output until the op's last ``getitem`` has run (outputs nobody takes included)."""
-    model = MemoryModel.from_graph(graph, costs=False)
+    model = MemoryModel.from_graph(graph, cost=None)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use: dict[str, int] = {}
@@ -434,9 +518,14 @@ def _forward_end(model: MemoryModel) -> int:
 
 
 def partition(
-    joint_module: fx.GraphModule, num_fwd_outputs: int, planner: Planner, mutable_inputs: frozenset[str] = frozenset()
+    joint_module: fx.GraphModule,
+    num_fwd_outputs: int,
+    planner: Planner,
+    mutable_inputs: frozenset[str] = frozenset(),
+    cost: str = "roofline",
 ) -> Partition:
-    """Split AOTAutograd's joint graph into forward and backward graphs on ``planner``'s schedule."""
+    """Split AOTAutograd's joint graph into forward and backward graphs on ``planner``'s
+    schedule, the ops costed by the ``cost`` model (``COST_MODELS``)."""
     from torch._functorch.partitioners import _extract_fwd_bwd_modules
 
     for node in joint_module.graph.nodes:
@@ -445,7 +534,7 @@ def partition(
                 f"node {node.name} ({node.target}) mutates a tensor inside the training graph; "
                 "rematerialization needs a functional graph (make the operation out-of-place)"
             )
-    model = MemoryModel.from_graph(joint_module.graph, mutable_inputs)
+    model = MemoryModel.from_graph(joint_module.graph, mutable_inputs, cost)
     intervals = planner(model)
     realized, when = realize(model, intervals)
     boundary = _forward_end(model)
@@ -513,11 +602,13 @@ class ScheduledTraining:
     Compiled once per graph and input signature (shapes, dtypes, which tensors need
     gradients); the planner is asked again for each, and ``partitions`` keeps what it chose.
     Parameters and buffers are read from the module at each call, so the compiled step
-    follows the module's weights (and updates its batch-norm statistics in place).
+    follows the module's weights (and updates its batch-norm statistics in place). ``cost``
+    is the cost model the planner's problems are priced by (``COST_MODELS``).
     """
 
-    def __init__(self, planner: Planner, on_compile: Callable[[str], None] | None = None):
+    def __init__(self, planner: Planner, on_compile: Callable[[str], None] | None = None, cost: str = "roofline"):
         self.planner = planner
+        self.cost = cost
         self.on_compile = on_compile
         self._compiled: dict[Any, Callable] = {}
         self.partitions: dict[Any, Partition] = {}
@@ -560,7 +651,7 @@ class ScheduledTraining:
             def partition_fn(joint, _joint_inputs, *, num_fwd_outputs, **_ignored):
                 # AOTAutograd names the flat inputs primals_1, primals_2, ...: parameters, then buffers
                 buffers = frozenset(f"primals_{i + 1}" for i in range(len(params), count))
-                chosen = partition(joint, num_fwd_outputs, self.planner, buffers)
+                chosen = partition(joint, num_fwd_outputs, self.planner, buffers, self.cost)
                 self.partitions[key] = chosen
                 return chosen.forward, chosen.backward
 

@@ -291,6 +291,7 @@ def test_impossible_size_budget_and_its_suggestion_works():
         pytest.param(dict(intervals=0), "intervals", id="intervals=0"),
         pytest.param(dict(time_limit=0), "time_limit", id="time_limit=0"),
         pytest.param(dict(solver="checkmate-ish"), "solver", id="solver=other"),
+        pytest.param(dict(cost="time"), "cost", id="cost=time"),
     ],
 )
 def test_invalid_options_name_the_option(options, option):
@@ -299,6 +300,52 @@ def test_invalid_options_name_the_option(options, option):
     spec = "remat{" + ",".join(f"{k}={v}" for k, v in options.items()) + "}"
     with pytest.raises(OptionError, match=option):
         optimize(nn.Linear(4, 4), spec, (torch.randn(2, 4),))
+
+
+# --------------------------------------------------------------------------- cost models
+
+
+def _recomputed_ops(module: nn.Module) -> set:
+    part = module.meta["training_step"].partitions
+    part = next(iter(part.values()))
+    units = {u.name: u.node for u in part.model.units}
+    return {units[name].target for name in part.recomputed}
+
+
+def test_cost_flops_recomputes_pointwise_ops_where_roofline_recomputes_a_convolution():
+    # zoo.cnn at 0.8: the 3-channel stem convolution is cheaper to run than a batch norm and
+    # an activation over the same pixels (roofline), but it is FLOPs (flops); both solved
+    # to optimality in well under a second.
+    model, inputs, _ = _build("cnn")
+    aten = torch.ops.aten
+    plans = {}
+    for cost in ("roofline", "flops"):
+        module = optimize(model, [Remat(budget=0.8, time_limit=TIME_LIMIT, cost=cost)], inputs, verify=False)
+        figures = module.report["remat"].figures
+        assert figures["cost_model"] == cost and figures["solver"].startswith("moccasin optimal")
+        plans[cost] = module
+    assert aten.convolution.default in _recomputed_ops(plans["roofline"])
+    assert plans["roofline"].report["remat"].figures["recompute_flops_overhead"].startswith("10.00%")
+    ops = _recomputed_ops(plans["flops"])
+    assert ops and aten.convolution.default not in ops and not any("mm" in str(op) for op in ops)
+    assert plans["flops"].report["remat"].figures["recompute_flops_overhead"].startswith("0.00%")
+    for module in plans.values():
+        budget = plans["flops"].report["remat"].figures["budget"]
+        assert module.report["remat"].figures["budget"] == budget
+        _assert_all_close(_grads(module, inputs), _grads(copy.deepcopy(model), inputs))
+
+
+def test_cost_measured_times_the_ops_and_plans_within_the_budget():
+    model, inputs, budget = _build("mlp")
+    module = optimize(model, [Remat(budget=budget, time_limit=TIME_LIMIT, cost="measured")], inputs, verify=False)
+    figures = module.report["remat"].figures
+    assert figures["cost_model"] == "measured"
+    part = next(iter(module.meta["training_step"].partitions.values()))
+    costs = [d["cost"] for n, d in part.model.graph.nodes(data=True) if not n.startswith(("primals", "tangents"))]
+    assert costs and all(c > 0 for c in costs)  # nanoseconds: every op takes some time
+    assert part.simulated_peak <= math.floor(budget * part.plain_peak)
+    assert part.recomputed
+    _assert_all_close(_grads(module, inputs), _grads(copy.deepcopy(model), inputs))
 
 
 class DropoutMLP(nn.Module):

@@ -345,3 +345,57 @@ def test_measure_peak_ignores_views_in_place_ops_and_what_existed_before():
         return torch.ones(MiB // 2, dtype=torch.float32)  # 2 MiB
 
     assert measure_peak(fn) == 4 * MiB
+
+
+# --------------------------------------------------------------------------- cost models
+
+
+def _mm_then_floor_divide(x, w, a, b):
+    return torch.mm(x, w).relu(), torch.floor_divide(a, b)
+
+
+@pytest.fixture
+def costed_graph():
+    # fake tensors, as AOTAutograd's joint graph has them (the FLOP counter runs on them)
+    return make_fx(_mm_then_floor_divide, tracing_mode="fake")(
+        torch.randn(64, 32), torch.randn(32, 16), torch.ones(8, dtype=torch.int64), torch.ones(8, dtype=torch.int64)
+    )
+
+
+def test_cost_models_price_an_op_by_its_flops_and_bytes(costed_graph):
+    from rewrite.training_graph import FLOPS_PER_BYTE
+
+    mm = _node(costed_graph, aten.mm.default)
+    relu = _node(costed_graph, aten.relu.default)
+    flops = 2 * 64 * 32 * 16
+    mm_moved = (64 * 32 + 32 * 16 + 64 * 16) * 4
+    relu_moved = 2 * 64 * 16 * 4
+    roofline = MemoryModel.from_graph(costed_graph.graph).graph.nodes
+    assert roofline[mm.name]["cost"] == max(flops, FLOPS_PER_BYTE * mm_moved) == FLOPS_PER_BYTE * mm_moved
+    assert roofline[relu.name]["cost"] == FLOPS_PER_BYTE * relu_moved
+    by_flops = MemoryModel.from_graph(costed_graph.graph, cost="flops").graph.nodes
+    assert by_flops[mm.name]["cost"] == flops + mm_moved
+    assert by_flops[relu.name]["cost"] == relu_moved
+    # the flops model reverses the roofline's order of a matmul and a pointwise op over more bytes
+    assert by_flops[mm.name]["cost"] > 5 * by_flops[relu.name]["cost"]
+    assert roofline[mm.name]["cost"] < 2 * roofline[relu.name]["cost"]
+    assert all(d["cost"] == 0 for _, d in MemoryModel.from_graph(costed_graph.graph, cost=None).graph.nodes(data=True))
+    with pytest.raises(ValueError, match="cost model 'time'.*roofline, flops, measured"):
+        MemoryModel.from_graph(costed_graph.graph, cost="time")
+
+
+def test_measured_costs_time_what_runs_and_scale_the_roofline_for_the_rest(costed_graph):
+    from rewrite.training_graph import _measured_costs, measure_op_times
+
+    mm = _node(costed_graph, aten.mm.default)
+    relu = _node(costed_graph, aten.relu.default)
+    divide = next(n for n in costed_graph.graph.nodes if "div" in str(n.target))
+    times = measure_op_times([mm, relu, divide])
+    assert times[mm] > 0 and times[relu] > 0
+    assert times[divide] is None  # integer division by the zeros it is given: cannot run
+    roofline = {mm: 100.0, relu: 50.0, divide: 80.0}
+    costs = _measured_costs(roofline)
+    assert costs[mm] > 0 and costs[relu] > 0
+    # the untimed op costs its roofline at the median nanoseconds per roofline unit of the others
+    per_unit = sorted([costs[mm] / 100.0, costs[relu] / 50.0])[1]
+    assert costs[divide] == pytest.approx(80.0 * per_unit)
