@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.graph import concrete, node_bytes, node_flops, tensor_bytes
@@ -240,16 +240,47 @@ def _real_like(value: Any) -> Any:
     return flat.as_strided(shape, stride)
 
 
+def _op_signature(node: fx.Node) -> Any:
+    """What an op's time depends on: its target, its inputs' shapes, strides, dtypes and
+    devices, and its other arguments. Nodes with one signature are timed once (and so get
+    one cost: the solver's symmetric choices stay symmetric)."""
+
+    def describe(value):
+        if isinstance(value, fx.Node):
+            value = value.meta["val"]
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, str(value.device))
+        if isinstance(value, (list, tuple)):
+            return tuple(describe(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, describe(v)) for k, v in sorted(value.items()))
+        return repr(value)
+
+    return (str(node.target), describe(node.args), describe(node.kwargs))
+
+
 def measure_op_times(nodes: list[fx.Node], repeats: int = 3) -> dict[fx.Node, float | None]:
     """Seconds each call_function node takes on this machine: the fastest of ``repeats`` runs
     after one warm-up, on tensors made from its inputs' ``meta["val"]`` (``_real_like``) and
-    freed after it. None for a node that cannot run that way (its metadata is missing, or
-    its op needs values random ones do not give)."""
+    freed after it; nodes with the same ``_op_signature`` are timed once. None for a node
+    that cannot run that way (its metadata is missing, or its op needs values random ones do
+    not give)."""
+    with unset_fake_temporarily():  # AOTAutograd partitions under its fake mode: run for real
+        return _time_ops(nodes, repeats)
+
+
+def _time_ops(nodes: list[fx.Node], repeats: int) -> dict[fx.Node, float | None]:
     times: dict[fx.Node, float | None] = {}
+    timed: dict[Any, float | None] = {}
     for node in nodes:
         times[node] = None
         if node.op != "call_function" or any("val" not in a.meta for a in node.all_input_nodes):
             continue
+        signature = _op_signature(node)
+        if signature in timed:
+            times[node] = timed[signature]
+            continue
+        timed[signature] = None
         try:
             args = fx.node.map_arg(node.args, lambda a: _real_like(a.meta["val"]))
             kwargs = fx.node.map_arg(node.kwargs, lambda a: _real_like(a.meta["val"]))
@@ -268,7 +299,7 @@ def measure_op_times(nodes: list[fx.Node], repeats: int = 3) -> dict[fx.Node, fl
                     if i:
                         best = min(best, time.perf_counter() - started)
                     del out
-            times[node] = best
+            times[node] = timed[signature] = best
         except Exception:
             continue
     return times

@@ -399,3 +399,33 @@ def test_measured_costs_time_what_runs_and_scale_the_roofline_for_the_rest(coste
     # the untimed op costs its roofline at the median nanoseconds per roofline unit of the others
     per_unit = sorted([costs[mm] / 100.0, costs[relu] / 50.0])[1]
     assert costs[divide] == pytest.approx(80.0 * per_unit)
+
+
+def test_ops_of_one_signature_are_timed_once_and_cost_the_same():
+    from rewrite.training_graph import measure_op_times
+
+    def two_equal_matmuls(x, w, v):
+        return torch.mm(x, w), torch.mm(x, v), torch.mm(x.t().contiguous(), x)
+
+    gm = make_fx(two_equal_matmuls, tracing_mode="fake")(torch.randn(64, 32), torch.randn(32, 16), torch.randn(32, 16))
+    first, second, other = [n for n in gm.graph.nodes if n.target is aten.mm.default]
+    times = measure_op_times([first, second, other])
+    assert times[first] == times[second] > 0  # one timing: equal to the last bit
+    assert times[other] > 0 and times[other] != times[first]
+    costs = MemoryModel.from_graph(gm.graph, cost="measured").graph.nodes
+    assert costs[first.name]["cost"] == costs[second.name]["cost"]
+
+
+def test_ops_are_timed_for_real_under_a_fake_mode():
+    # AOTAutograd calls the partition function under its FakeTensorMode: a timing taken there
+    # without leaving it would time fake tensors (microseconds, whatever the op)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rewrite.training_graph import measure_op_times
+
+    gm = make_fx(torch.mm, tracing_mode="fake")(torch.randn(512, 512), torch.randn(512, 512))
+    mm = _node(gm, aten.mm.default)
+    outside = min(measure_op_times([mm])[mm] for _ in range(3))
+    with FakeTensorMode():
+        inside = min(measure_op_times([mm])[mm] for _ in range(3))
+    assert outside / 3 < inside < outside * 3
