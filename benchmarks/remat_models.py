@@ -21,7 +21,7 @@ same bytes for every method. For every method, in one process:
 Methods:
 
 - ours: ``optimize(model, [passes.Remat(budget="<b*P0>B", cost=c)], (x,))`` for each cost
-  model c of ``--cost`` (default roofline, the pass's default, and flops); a PassError (no
+  model c of ``--cost`` (default: flops, the pass's default, then roofline and measured); a PassError (no
   schedule at that budget) is "no schedule". The per-budget table shows the first; the
   "ours by cost model" table and the summary show each;
 - min-cut: ``aot_module`` with ``min_cut_rematerialization_partition`` and
@@ -37,8 +37,8 @@ Methods:
 Aim: meet every budget any baseline meets, with no more recompute FLOPs than the best baseline
 that meets it; and list the budgets only ours meets. Judged for each cost model.
 
-    python benchmarks/remat_models.py                 # three models, budgets 0.4..0.9 (about 11 min on 2 cores)
-    python benchmarks/remat_models.py --quick         # smaller models, two budgets (smoke run, 1.5 min)
+    python benchmarks/remat_models.py                 # three models, budgets 0.4..0.9 (about 28 min on 2 cores)
+    python benchmarks/remat_models.py --quick         # smaller models, two budgets (smoke run, 2.5 min)
     python benchmarks/remat_models.py --models mlp --time-limit 10
     python benchmarks/remat_models.py --cost measured    # ours with each op timed on this machine
 """
@@ -337,7 +337,7 @@ def build_mincut(model: nn.Module, setting: float, inputs: tuple, params) -> Met
 
 
 def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_limit: float, workers: int,
-               cost: str = "roofline") -> Method:
+               cost: str = "flops") -> Method:
     budget_bytes = int(budget * p0)
     started = time.perf_counter()
     try:
@@ -364,7 +364,7 @@ def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_lim
 
 
 def run_case(case: Case, budgets, settings, time_limit: float, workers: int, steps: int, log,
-             costs: tuple[str, ...] = ("roofline",)) -> dict:
+             costs: tuple[str, ...] = ("flops",)) -> dict:
     model, inputs = case.model, case.inputs
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -644,7 +644,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--time-limit", type=float, default=None, help="seconds per remat solve (default 30, quick 3)")
     _add(parser, "--workers", type=int, default=os.cpu_count() or 1, help="CP-SAT workers")
     _add(parser, "--steps", type=int, default=None, help="timed steps per method (default 5, quick 2)")
-    _add(parser, "--cost", default="roofline,flops",
+    _add(parser, "--cost", default="flops,roofline,measured",
          help=f"cost models ours plans with, comma-separated, from {','.join(COST_MODELS)} (the first leads the tables)")
 
 
@@ -660,7 +660,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     time_limit = getattr(args, "time_limit", None) or (3.0 if quick else 30.0)
     steps = getattr(args, "steps", None) or (2 if quick else 5)
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
-    costs = tuple(c.strip() for c in getattr(args, "cost", "roofline,flops").split(",") if c.strip())
+    costs = tuple(c.strip() for c in getattr(args, "cost", "flops,roofline,measured").split(",") if c.strip())
     if not costs or any(c not in COST_MODELS for c in costs):
         raise SystemExit(f"--cost: choose from {', '.join(COST_MODELS)} (got {getattr(args, 'cost', '')!r})")
 

@@ -17,10 +17,10 @@ least found in ``time_limit`` seconds.
   (the edge-device case); recomputations become copies of nodes in the graph itself.
 
 What a recomputation costs is the ``cost`` model's (``rewrite.training_graph.COST_MODELS``):
-``roofline`` (default) prices an op at the larger of its FLOPs and 10 per byte it moves, near
-its time when ops run one by one as here; ``flops`` at its FLOPs plus one per byte, so the
-schedule recomputes the fewest matmul/convolution FLOPs, pointwise ops before them;
-``measured`` times every op of the graph on this machine (seconds more to plan).
+``flops`` (default) prices an op at its FLOPs plus one per byte it moves, so the schedule
+recomputes the fewest matmul/convolution FLOPs, pointwise ops before them; ``roofline`` at the
+larger of its FLOPs and 10 per byte, nearer its time when ops run one by one as here;
+``measured`` times every op of the graph on this machine (a second or so more to plan).
 
 The budget is a fraction of the unmodified step's peak memory of intermediate tensors
 (activations, gradients, temporaries; not the parameters or inputs), or an absolute size
@@ -45,6 +45,7 @@ from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, opti
 from rewrite.report import format_bytes
 from rewrite.training_graph import (
     COST_MODELS,
+    DEFAULT_COST,
     MemoryModel,
     Partition,
     ScheduledTraining,
@@ -183,9 +184,10 @@ class Remat(Pass):
     intervals: int = option(2, "retention intervals per tensor: at most intervals-1 recomputations each")
     workers: int = option(0, "solver threads (0: one per CPU core)")
     cost: str = option(
-        "roofline",
-        "what a recomputation costs: roofline (the larger of FLOPs and 10 per byte moved: time when ops run one by one), "
-        "flops (FLOPs plus one per byte: fewest recomputed matmul/conv FLOPs) or measured (each op timed on this machine)",
+        DEFAULT_COST,
+        "what a recomputation costs: flops (FLOPs plus one per byte moved: fewest recomputed matmul/conv FLOPs), "
+        "roofline (the larger of FLOPs and 10 per byte: nearer time when ops run one by one) or measured (each op "
+        "timed on this machine)",
     )
 
     def __post_init__(self):

@@ -20,13 +20,14 @@ the peak bytes of the storages allocated while a function runs and still alive.
 
 Cost of running an op once, by one of ``COST_MODELS``:
 
-- ``roofline`` (the default): the larger of its FLOPs (``torch.utils.flop_counter``, which
-  counts matmuls, convolutions and attention) and ``FLOPS_PER_BYTE`` times the bytes it reads
-  and writes. Close to the time an op takes when each op runs on its own, as these graphs do:
-  a pointwise op over a large tensor can cost more than a small convolution.
-- ``flops``: its FLOPs plus one per byte it moves. Recomputing a matmul or convolution weighs
-  far more than a pointwise op over the same tensors (what PyTorch's min-cut partitioner
-  assumes, as it is where pointwise ops are fused); it minimises the recomputed FLOPs.
+- ``flops`` (the default): its FLOPs (``torch.utils.flop_counter``, which counts matmuls,
+  convolutions and attention) plus one per byte it reads and writes. Recomputing a matmul or
+  convolution weighs far more than a pointwise op over the same tensors (what PyTorch's
+  min-cut partitioner assumes, as it is where pointwise ops are fused): the schedule
+  recomputes the fewest FLOPs, and the fewest bytes among those.
+- ``roofline``: the larger of its FLOPs and ``FLOPS_PER_BYTE`` times the bytes it moves.
+  Nearer the time an op takes when each op runs on its own, as these graphs do: a pointwise
+  op over a large tensor can cost more than a small convolution.
 - ``measured``: the time the op takes on this machine, in nanoseconds, run on random tensors
   of its inputs' shapes (``measure_op_times``); an op that cannot run that way gets its
   roofline cost at the measured ops' typical time per unit.
@@ -59,7 +60,8 @@ aten = torch.ops.aten
 # Machine balance used to put memory-bound ops on the FLOP scale (about that of a CPU core or
 # a GPU's pointwise path; only the ratio between ops matters to the solvers).
 FLOPS_PER_BYTE = 10
-COST_MODELS = ("roofline", "flops", "measured")
+COST_MODELS = ("flops", "roofline", "measured")
+DEFAULT_COST = "flops"
 
 # Ops whose output shares its input's storage although their schema does not say so.
 _STORAGE_SHARING = {aten._unsafe_view.default, aten.alias.default, aten.detach.default}
@@ -129,7 +131,7 @@ class MemoryModel:
 
     @classmethod
     def from_graph(
-        cls, fx_graph: fx.Graph, mutable_inputs: frozenset[str] = frozenset(), cost: str | None = "roofline"
+        cls, fx_graph: fx.Graph, mutable_inputs: frozenset[str] = frozenset(), cost: str | None = DEFAULT_COST
     ) -> MemoryModel:
         """``mutable_inputs``: placeholders the step may update in place (buffers such as
         batch-norm statistics); an op that reads one is never recomputed, since by the
@@ -222,11 +224,12 @@ class MemoryModel:
 _BATCH_NORM = aten._native_batch_norm_legit_functional.default
 
 
-def _real_like(value: Any) -> Any:
-    """A real tensor with ``value``'s shape, strides, dtype and device (random floats, zero
-    integers: valid indices), or the value itself when it is not a tensor."""
+def _real_like(value: Any, generators: dict) -> Any:
+    """A real tensor with ``value``'s shape, strides, dtype and device (random floats drawn from
+    ``generators``, one per device, so the user's random state is left alone; zero integers:
+    valid indices), or the value itself when it is not a tensor."""
     if isinstance(value, (list, tuple)):
-        return type(value)(_real_like(v) for v in value)
+        return type(value)(_real_like(v, generators) for v in value)
     if not isinstance(value, torch.Tensor):
         return concrete(value)
     shape = [int(concrete(s)) for s in value.shape]
@@ -234,7 +237,9 @@ def _real_like(value: Any) -> Any:
     size = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
     device = value.device
     if value.dtype.is_floating_point or value.dtype.is_complex:
-        flat = torch.randn(size, dtype=value.dtype, device=device)
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(0)
+        flat = torch.randn(size, dtype=value.dtype, device=device, generator=generators[device])
     else:
         flat = torch.zeros(size, dtype=value.dtype, device=device)
     return flat.as_strided(shape, stride)
@@ -264,7 +269,8 @@ def measure_op_times(nodes: list[fx.Node], repeats: int = 3) -> dict[fx.Node, fl
     after one warm-up, on tensors made from its inputs' ``meta["val"]`` (``_real_like``) and
     freed after it; nodes with the same ``_op_signature`` are timed once. None for a node
     that cannot run that way (its metadata is missing, or its op needs values random ones do
-    not give)."""
+    not give) and for random ops, which would draw from the user's generator (they are never
+    recomputed: their cost does not matter)."""
     with unset_fake_temporarily():  # AOTAutograd partitions under its fake mode: run for real
         return _time_ops(nodes, repeats)
 
@@ -272,9 +278,10 @@ def measure_op_times(nodes: list[fx.Node], repeats: int = 3) -> dict[fx.Node, fl
 def _time_ops(nodes: list[fx.Node], repeats: int) -> dict[fx.Node, float | None]:
     times: dict[fx.Node, float | None] = {}
     timed: dict[Any, float | None] = {}
+    generators: dict = {}
     for node in nodes:
         times[node] = None
-        if node.op != "call_function" or any("val" not in a.meta for a in node.all_input_nodes):
+        if node.op != "call_function" or is_random(node) or any("val" not in a.meta for a in node.all_input_nodes):
             continue
         signature = _op_signature(node)
         if signature in timed:
@@ -282,11 +289,9 @@ def _time_ops(nodes: list[fx.Node], repeats: int) -> dict[fx.Node, float | None]
             continue
         timed[signature] = None
         try:
-            args = fx.node.map_arg(node.args, lambda a: _real_like(a.meta["val"]))
-            kwargs = fx.node.map_arg(node.kwargs, lambda a: _real_like(a.meta["val"]))
-            cuda = any(
-                t.is_cuda for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-            )
+            args = fx.node.map_arg(node.args, lambda a: _real_like(a.meta["val"], generators))
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: _real_like(a.meta["val"], generators))
+            cuda = any(t.is_cuda for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
             best = math.inf
             with torch.no_grad():
                 for i in range(repeats + 1):
@@ -553,7 +558,7 @@ def partition(
     num_fwd_outputs: int,
     planner: Planner,
     mutable_inputs: frozenset[str] = frozenset(),
-    cost: str = "roofline",
+    cost: str = DEFAULT_COST,
 ) -> Partition:
     """Split AOTAutograd's joint graph into forward and backward graphs on ``planner``'s
     schedule, the ops costed by the ``cost`` model (``COST_MODELS``)."""
@@ -637,7 +642,7 @@ class ScheduledTraining:
     is the cost model the planner's problems are priced by (``COST_MODELS``).
     """
 
-    def __init__(self, planner: Planner, on_compile: Callable[[str], None] | None = None, cost: str = "roofline"):
+    def __init__(self, planner: Planner, on_compile: Callable[[str], None] | None = None, cost: str = DEFAULT_COST):
         self.planner = planner
         self.cost = cost
         self.on_compile = on_compile

@@ -140,7 +140,8 @@ def test_schedule_is_valid_and_within_the_budget(planned, name):
     assert part.plain_peak == max(liveness_profile(model.fx_graph))
     # recomputed copies are in the realized graph, each marked
     copies = [n for n in part.joint.nodes if n.meta.get("recomputed")]
-    assert copies and all(n.name.endswith("_recomputed") for n in copies)
+    # (an op whose outputs are recomputed at two times has two copies: "_recomputed_1")
+    assert copies and all(re.search(r"_recomputed(_\d+)?$", n.name) for n in copies)
 
     report = p.module.report["remat"]
     assert report.result.series["budget"] == budget

@@ -370,17 +370,17 @@ def test_cost_models_price_an_op_by_its_flops_and_bytes(costed_graph):
     flops = 2 * 64 * 32 * 16
     mm_moved = (64 * 32 + 32 * 16 + 64 * 16) * 4
     relu_moved = 2 * 64 * 16 * 4
-    roofline = MemoryModel.from_graph(costed_graph.graph).graph.nodes
+    roofline = MemoryModel.from_graph(costed_graph.graph, cost="roofline").graph.nodes
     assert roofline[mm.name]["cost"] == max(flops, FLOPS_PER_BYTE * mm_moved) == FLOPS_PER_BYTE * mm_moved
     assert roofline[relu.name]["cost"] == FLOPS_PER_BYTE * relu_moved
-    by_flops = MemoryModel.from_graph(costed_graph.graph, cost="flops").graph.nodes
+    by_flops = MemoryModel.from_graph(costed_graph.graph).graph.nodes  # the default
     assert by_flops[mm.name]["cost"] == flops + mm_moved
     assert by_flops[relu.name]["cost"] == relu_moved
     # the flops model reverses the roofline's order of a matmul and a pointwise op over more bytes
     assert by_flops[mm.name]["cost"] > 5 * by_flops[relu.name]["cost"]
     assert roofline[mm.name]["cost"] < 2 * roofline[relu.name]["cost"]
     assert all(d["cost"] == 0 for _, d in MemoryModel.from_graph(costed_graph.graph, cost=None).graph.nodes(data=True))
-    with pytest.raises(ValueError, match="cost model 'time'.*roofline, flops, measured"):
+    with pytest.raises(ValueError, match="cost model 'time'.*flops, roofline, measured"):
         MemoryModel.from_graph(costed_graph.graph, cost="time")
 
 
@@ -390,7 +390,9 @@ def test_measured_costs_time_what_runs_and_scale_the_roofline_for_the_rest(coste
     mm = _node(costed_graph, aten.mm.default)
     relu = _node(costed_graph, aten.relu.default)
     divide = next(n for n in costed_graph.graph.nodes if "div" in str(n.target))
+    state = torch.random.get_rng_state()
     times = measure_op_times([mm, relu, divide])
+    assert torch.equal(torch.random.get_rng_state(), state)  # its random inputs come from its own generator
     assert times[mm] > 0 and times[relu] > 0
     assert times[divide] is None  # integer division by the zeros it is given: cannot run
     roofline = {mm: 100.0, relu: 50.0, divide: 80.0}
@@ -429,3 +431,15 @@ def test_ops_are_timed_for_real_under_a_fake_mode():
     with FakeTensorMode():
         inside = min(measure_op_times([mm])[mm] for _ in range(3))
     assert outside / 3 < inside < outside * 3
+
+
+def test_random_ops_are_not_timed_and_the_random_state_is_left_alone():
+    from rewrite.training_graph import measure_op_times
+
+    gm = make_fx(lambda x: torch.nn.functional.dropout(x, 0.5, True) * 2, tracing_mode="fake")(torch.randn(64, 64))
+    drop = next(n for n in gm.graph.nodes if is_random(n))
+    double = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor][-1]  # the "* 2"
+    state = torch.random.get_rng_state()
+    times = measure_op_times([drop, double])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert times[drop] is None and times[double] > 0
