@@ -325,6 +325,7 @@ class Remat(Pass):
                 "simulated_peak_before": format_bytes(plain_peak),
                 "simulated_peak_after": format_bytes(max(part_curve, default=0)),
                 "solver": _solver_text(schedule),
+                "cost_model": self.cost,
                 "recomputed_tensors": len(result.changes),
                 "measured_peak_before": format_bytes(measured_before),
                 "measured_peak_after": format_bytes(measured_after),

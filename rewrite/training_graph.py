@@ -254,14 +254,18 @@ def _op_signature(node: fx.Node) -> Any:
         if isinstance(value, fx.Node):
             value = value.meta["val"]
         if isinstance(value, torch.Tensor):
-            return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, str(value.device))
+            sizes = tuple(int(concrete(n)) for n in (*value.shape, *value.stride()))
+            return ("tensor", sizes, value.dtype, str(value.device))
         if isinstance(value, (list, tuple)):
             return tuple(describe(v) for v in value)
         if isinstance(value, dict):
             return tuple((k, describe(v)) for k, v in sorted(value.items()))
-        return repr(value)
+        return repr(concrete(value))  # symbolic sizes at their example values
 
-    return (str(node.target), describe(node.args), describe(node.kwargs))
+    try:
+        return (str(node.target), describe(node.args), describe(node.kwargs))
+    except ValueError:  # a symbol without an example value: timed on its own
+        return node
 
 
 def measure_op_times(nodes: list[fx.Node], repeats: int = 3) -> dict[fx.Node, float | None]:

@@ -464,12 +464,14 @@ class SumOfFeatures(nn.Module):
         return sum(features)
 
 
-def test_inference_mode_recomputes_in_the_forward_graph():
+@pytest.mark.parametrize("cost", ["flops", "roofline", "measured"])
+def test_inference_mode_recomputes_in_the_forward_graph(cost):
     torch.manual_seed(0)
     model = SumOfFeatures().eval()
     x = torch.randn(512, 128)
-    m = optimize(model, [Remat(graph="inference", budget=0.75, time_limit=TIME_LIMIT)], (x,), mode="eval")
+    m = optimize(model, [Remat(graph="inference", budget=0.75, time_limit=TIME_LIMIT, cost=cost)], (x,), mode="eval")
     assert "training_step" not in m.meta
+    assert m.report["remat"].figures["cost_model"] == cost
     recomputed = [n.name for n in m.graph.nodes if n.name.endswith("_recomputed")]
     assert recomputed
     m.eval()
