@@ -262,10 +262,7 @@ def _op_signature(node: fx.Node) -> Any:
             return tuple((k, describe(v)) for k, v in sorted(value.items()))
         return repr(concrete(value))  # symbolic sizes at their example values
 
-    try:
-        return (str(node.target), describe(node.args), describe(node.kwargs))
-    except ValueError:  # a symbol without an example value: timed on its own
-        return node
+    return (str(node.target), describe(node.args), describe(node.kwargs))
 
 
 def measure_op_times(nodes: list[fx.Node], repeats: int = 3) -> dict[fx.Node, float | None]:
@@ -285,17 +282,20 @@ def _time_ops(nodes: list[fx.Node], repeats: int) -> dict[fx.Node, float | None]
     generators: dict = {}
     for node in nodes:
         times[node] = None
-        if node.op != "call_function" or is_random(node) or any("val" not in a.meta for a in node.all_input_nodes):
+        # an op that outputs no tensor (an assert, say) frees nothing when recomputed, and
+        # one that draws random numbers is never recomputed: neither is worth running
+        if node.op != "call_function" or is_random(node) or node_bytes(node) == 0:
             continue
-        signature = _op_signature(node)
-        if signature in timed:
-            times[node] = timed[signature]
-            continue
-        timed[signature] = None
         try:
+            signature = _op_signature(node)
+            if signature in timed:
+                times[node] = timed[signature]
+                continue
+            timed[signature] = None
             args = fx.node.map_arg(node.args, lambda a: _real_like(a.meta["val"], generators))
             kwargs = fx.node.map_arg(node.kwargs, lambda a: _real_like(a.meta["val"], generators))
-            cuda = any(t.is_cuda for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            tensors = [*pytree.tree_leaves((args, kwargs)), *pytree.tree_leaves(node.meta.get("val"))]
+            cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
             best = math.inf
             with torch.no_grad():
                 for i in range(repeats + 1):
@@ -309,8 +309,10 @@ def _time_ops(nodes: list[fx.Node], repeats: int) -> dict[fx.Node, float | None]
                         best = min(best, time.perf_counter() - started)
                     del out
             times[node] = timed[signature] = best
-        except Exception:
+        except Exception:  # missing metadata, or values random ones do not give
             continue
+    if any(device.type == "cuda" for device in generators):
+        torch.cuda.empty_cache()  # the timed ops' blocks go back: the step is measured after
     return times
 
 

@@ -60,13 +60,14 @@ _STATUS = {
 
 
 def _integer_costs(graph: nx.DiGraph) -> tuple[dict, float]:
-    """CP-SAT needs integers: costs scaled so the largest is about 1e6 (ratios kept)."""
+    """CP-SAT needs integers: costs scaled so the largest is about 1e6 (ratios kept). A cost
+    above 0 stays at least 1: one rounded to 0 would make a recomputation free to the solver."""
     costs = {node: float(data["cost"]) for node, data in graph.nodes(data=True)}
     largest = max(costs.values(), default=0.0)
     if largest == 0 or all(float(c).is_integer() and c <= 10**6 for c in costs.values()):
         return {n: int(c) for n, c in costs.items()}, 1.0
     scale = 10**6 / largest
-    return {n: int(round(c * scale)) for n, c in costs.items()}, scale
+    return {n: max(1, int(round(c * scale))) if c > 0 else 0 for n, c in costs.items()}, scale
 
 
 def interval_counts(graph: nx.DiGraph, order: list, intervals_per_node: int, keep=()) -> dict:

@@ -135,6 +135,18 @@ def test_float_costs_are_proved_optimal_like_integer_ones(seed):
         assert result.bound == pytest.approx(result.objective, rel=1e-5)
 
 
+def test_a_cost_far_below_the_largest_is_not_made_free():
+    # a pointwise op over a small vector beside a large matmul (FLOPs + bytes): scaled to
+    # integers it must still cost something, or the solver recomputes it for nothing
+    graph = nx.DiGraph()
+    graph.add_node("matmul", mem=1, cost=2.0e12)
+    graph.add_node("scale", mem=1, cost=3.2e4)
+    graph.add_node("unused", mem=1, cost=0.0)
+    costs, scale = moccasin._integer_costs(graph)
+    assert costs == {"matmul": 10**6, "scale": 1, "unused": 0}
+    assert scale == pytest.approx(10**6 / 2.0e12)
+
+
 def test_training_chain_trades_memory_for_recomputation():
     graph, order = training_chain(8)
     base = peak_memory(graph, order, no_remat_intervals(graph, order))
