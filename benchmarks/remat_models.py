@@ -41,6 +41,7 @@ that meets it; and list the budgets only ours meets. Judged for each cost model.
     python benchmarks/remat_models.py --quick         # smaller models, two budgets (smoke run, 2.5 min)
     python benchmarks/remat_models.py --models mlp --time-limit 10
     python benchmarks/remat_models.py --cost measured    # ours with each op timed on this machine
+    python benchmarks/remat_models.py --models cnn --model-budgets 0.4 --time-limit 120 --intervals 3 --cost flops
 """
 
 from __future__ import annotations
@@ -337,13 +338,14 @@ def build_mincut(model: nn.Module, setting: float, inputs: tuple, params) -> Met
 
 
 def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_limit: float, workers: int,
-               cost: str = "flops") -> Method:
+               cost: str = "flops", intervals: int = 2) -> Method:
     budget_bytes = int(budget * p0)
     started = time.perf_counter()
     try:
         # verify=False: the numerics check traces again with inputs that need gradients and
         # plans that step too (a second solve); the gradients are checked against eager below.
-        remat = passes.Remat(budget=f"{budget_bytes}B", time_limit=time_limit, workers=workers, cost=cost)
+        remat = passes.Remat(budget=f"{budget_bytes}B", time_limit=time_limit, workers=workers, cost=cost,
+                             intervals=intervals)  # fmt: skip
         module = optimize(model, [remat], inputs, verify=False)
     except PassError as exc:
         # "no schedule": infeasible, or none found in the time; anything else is a failure.
@@ -364,7 +366,7 @@ def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_lim
 
 
 def run_case(case: Case, budgets, settings, time_limit: float, workers: int, steps: int, log,
-             costs: tuple[str, ...] = ("flops",)) -> dict:
+             costs: tuple[str, ...] = ("flops",), intervals: int = 2) -> dict:
     model, inputs = case.model, case.inputs
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -401,7 +403,7 @@ def run_case(case: Case, budgets, settings, time_limit: float, workers: int, ste
     ours = []
     for cost in costs:
         for budget in budgets:
-            method = build_ours(model, budget, p0, inputs, time_limit, workers, cost)
+            method = build_ours(model, budget, p0, inputs, time_limit, workers, cost, intervals)
             status = ("FAILED" if method.failed else "no schedule") if method.module is None else method.note
             log(f"  ours ({cost}) at b={budget:g} ({format_bytes(int(budget * p0))}): {status}; "
                 f"optimize took {method.solve_seconds:.1f} s")  # fmt: skip
@@ -644,6 +646,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--time-limit", type=float, default=None, help="seconds per remat solve (default 30, quick 3)")
     _add(parser, "--workers", type=int, default=os.cpu_count() or 1, help="CP-SAT workers")
     _add(parser, "--steps", type=int, default=None, help="timed steps per method (default 5, quick 2)")
+    _add(parser, "--intervals", type=int, default=2, help="ours: retention intervals per tensor (Remat's intervals)")
     _add(parser, "--cost", default="flops,roofline,measured",
          help=f"cost models ours plans with, comma-separated, from {','.join(COST_MODELS)} (the first leads the tables)")
 
@@ -670,12 +673,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     log("\n## remat on real models: ours vs min-cut (activation_memory_budget) vs torch.utils.checkpoint\n")
     log(f"machine: {machine()}; remat time limit {time_limit:g} s per solve, {workers} CP-SAT workers; "
         f"budgets {', '.join(f'{b:g}' for b in budgets)}; min-cut settings {', '.join(f'{s:g}' for s in settings)}; "
-        f"{steps} timed steps; ours with cost {', '.join(costs)}")  # fmt: skip
+        f"{steps} timed steps; ours with cost {', '.join(costs)}, {getattr(args, 'intervals', 2)} intervals per tensor")  # fmt: skip
     log(f"code: {code_state()}")
     results = []
     for name in names:
         started = time.perf_counter()
-        result = run_case(CASES[name](quick), budgets, settings, time_limit, workers, steps, log, costs)
+        result = run_case(CASES[name](quick), budgets, settings, time_limit, workers, steps, log, costs,
+                          getattr(args, "intervals", 2))  # fmt: skip
         result["seconds"] = round(time.perf_counter() - started, 1)
         print_tables(result, log)
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in result["phase_seconds"].items())

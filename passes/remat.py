@@ -163,10 +163,11 @@ class _Planner:
                 if smallest
                 else ""
             )
-            return f"no schedule fits the {asked}{hint}: raise the budget, or allow more recomputations (intervals)"
+            more = self.remat.intervals + 1
+            return f"no schedule fits the {asked}{hint}: raise the budget, or allow more recomputations (intervals={more})"
         return (
-            f"no schedule within the {asked} was found in {schedule.seconds:.1f} s: "
-            "raise time_limit, or raise the budget"
+            f"no schedule within the {asked} was found in {schedule.seconds:.1f} s: raise time_limit, "
+            f"allow more recomputations (intervals={self.remat.intervals + 1}), or raise the budget"
         )
 
 

@@ -257,6 +257,7 @@ def test_impossible_budget_names_the_smallest_feasible_one_and_leaves_the_model_
         optimize(model, [Remat(budget=0.01, time_limit=3)], inputs, verify=False)
     fraction, size = _smallest_from(str(caught.value))
     assert 0.01 < fraction < 1 and size > 0
+    assert "intervals=3" in str(caught.value)  # the other way out: one more recomputation each
     assert "Traceback" not in str(caught.value)
     after = _state(model)
     assert before.keys() == after.keys()
