@@ -427,13 +427,11 @@ def run_case(case: Case, budgets, settings, time_limit: float, workers: int, ste
         "references": {key: _row(m, references) for key, m in references.items()},
         "checkpoint": [_row(m, references) for m in methods if m.every],
         "mincut": [_row(m, references) for m in methods if m.setting is not None],
-        "ours": [_row(m, references) for m in ours if m.cost == costs[0]],
         "ours_by_cost": {cost: [_row(m, references) for m in ours if m.cost == cost] for cost in costs},
         "budgets": list(budgets),
         "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
     }
-    result["verdict"] = verdict(result)
-    result["verdict_by_cost"] = {cost: verdict({**result, "ours": rows}) for cost, rows in result["ours_by_cost"].items()}
+    result["verdict_by_cost"] = {cost: verdict(result, rows) for cost, rows in result["ours_by_cost"].items()}
     return result
 
 
@@ -477,12 +475,12 @@ def meets(row: dict, budget: float) -> bool:
     return row["scheduled"] and row["peak_ratio"] <= budget
 
 
-def verdict(result: dict) -> dict:
+def verdict(result: dict, ours_rows: list[dict]) -> dict:
     """Per budget: which baselines meet it, the cheapest of them, and whether ours meets it
     with no more recompute FLOPs."""
     per_budget = []
     for budget in result["budgets"]:
-        ours = next(r for r in result["ours"] if r["budget"] == budget)
+        ours = next(r for r in ours_rows if r["budget"] == budget)
         at_b = next((r for r in result["mincut"] if r["setting"] == budget), None)
         baselines = {r["method"]: r for r in result["checkpoint"]}
         if at_b is not None:
@@ -562,7 +560,7 @@ def print_tables(result: dict, log) -> None:
         "| min-cut tuned: s | peak/P0 | +FLOPs | +written | time x | ckpt every block | ckpt every 2nd |")  # fmt: skip
     log("|" + "---|" * 19)
     for budget in result["budgets"]:
-        ours = next(r for r in result["ours"] if r["budget"] == budget)
+        ours = next(r for r in next(iter(result["ours_by_cost"].values())) if r["budget"] == budget)
         at_b = next((r for r in result["mincut"] if r["setting"] == budget), None)
         tuned = [r for r in result["mincut"] if meets(r, budget)]
         best_tuned = min(tuned, key=lambda r: (r["flops"], r["peak"])) if tuned else None

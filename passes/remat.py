@@ -155,6 +155,7 @@ class _Planner:
                 f"op allocates all its outputs at once; the solver counts them one by one): budget=\"{realized}B\" fits "
                 "the last of them"
             )
+        more = f"intervals={self.remat.intervals + 1}"
         if schedule.status == "infeasible":
             smallest = schedule.smallest_feasible_budget
             hint = (
@@ -163,11 +164,10 @@ class _Planner:
                 if smallest
                 else ""
             )
-            more = self.remat.intervals + 1
-            return f"no schedule fits the {asked}{hint}: raise the budget, or allow more recomputations (intervals={more})"
+            return f"no schedule fits the {asked}{hint}: raise the budget, or allow more recomputations ({more})"
         return (
             f"no schedule within the {asked} was found in {schedule.seconds:.1f} s: raise time_limit, "
-            f"allow more recomputations (intervals={self.remat.intervals + 1}), or raise the budget"
+            f"allow more recomputations ({more}), or raise the budget"
         )
 
 
