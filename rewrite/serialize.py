@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rewrite.archive import read_program
 from rewrite.capture import batch_dynamic_shapes, export_failure, quiet
 from rewrite.errors import CheckpointError
 from rewrite.module import RewriteInfo, RewrittenModule
@@ -86,13 +87,14 @@ def load_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram,
     _require_file(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a .pt2 archive (torch.export.save writes a zip file); is it corrupt?")
-    extra = {REPORT_FILE: ""}
     logged = _LoggedErrors()
     try:
-        with quiet(), logged.attached("torch.export"):
-            program = torch.export.load(str(path), extra_files=extra)
+        with quiet(), logged.attached("torch._export.serde"):
+            program, extra = read_program(path)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        # torch.export.load logs the real reason (e.g. an unregistered custom op) and raises a generic error.
+        # torch's deserializer logs the real reason (e.g. an unregistered custom op) and raises a generic error.
         reasons = [e for error in (*logged.errors, exc) for e in _chain(error)]
         missing = next((m for e in reasons if (m := re.search(r"failed to resolve (torch\.ops\.[\w.]+)", str(e)))), None)
         if missing:
@@ -103,8 +105,19 @@ def load_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram,
         first = reasons[0]
         message = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
         raise CheckpointError(f"{path}: cannot load this .pt2: {message}") from exc
-    report = json.loads(extra[REPORT_FILE]) if extra.get(REPORT_FILE) else None
-    return program, report
+    return program, _saved_report(path, extra.get(REPORT_FILE))
+
+
+def _saved_report(path: Path, text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: its saved report ({REPORT_FILE}) is not valid JSON ({exc})") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("passes"), list):
+        raise CheckpointError(f"{path}: its saved report ({REPORT_FILE}) is not a rewrite report (an object with 'passes')")
+    return report
 
 
 class _LoggedErrors(logging.Handler):
