@@ -5,7 +5,8 @@
   ``extract_region`` do the same for a set of fx nodes a pass marked.
 - ``templates``: parameterised kernels for what is not pointwise (2-bit packing, row
   reductions, a row-wise polynomial, a masked sampled matmul).
-- ``cache``: emitted source in ``<cache dir>/<sha256>.py``, imported by path, memoised.
+- ``cache``: emitted source in ``<cache dir>/<sha256>.py`` (a private directory), run from its
+  checked text, memoised.
 - ``ops``: ``torch.ops.rewrite.pointwise`` / ``pointwise_backward``, the ``triton_op``s that
   carry a region through export, ``torch.compile`` and ``.pt2`` files.
 

@@ -1,24 +1,36 @@
-"""The kernel cache: emitted source in ``<cache dir>/<sha256>.py``, imported by path.
+"""The kernel cache: emitted source in ``<cache dir>/<sha256>.py``, run from its checked text.
 
-Triton reads a kernel's source with ``inspect``, so generated kernels must live in a real
-file. The file name is the sha256 of the source, the Triton version and the dtypes and ranks
-the kernel was specialised for; a second call with the same key in the same process returns
-the memoised module without touching the disk.
+The file name is the sha256 of the source, the Triton version and the dtypes and ranks the
+kernel was specialised for; a second call with the same key in the same process returns the
+memoised module without touching the disk.
 
-Several processes may share the cache directory: a file is written to a temporary name in
-the same directory and renamed into place, so a reader sees either no file or a whole one.
-A file whose text is not the expected source (truncated by a crash, edited by hand) is
-rewritten before it is imported.
+Nothing read from the directory runs: the module is compiled from the source text in memory,
+with the file's path as its file name, and no bytecode cache (``__pycache__``) is read or
+written. Triton reads a kernel's source with ``inspect``, which reads ``linecache``; that is
+seeded with the same text, so Triton compiles what was checked even if the file changes later.
+The file is there for people and tools that open it (tracebacks, debuggers).
+
+Several processes of one user may share the cache directory: a file is written to a temporary
+name in the same directory and renamed into place, so a reader sees either no file or a whole
+one. A file whose text is not the expected source (truncated by a crash, edited by hand) is
+rewritten.
 
 The directory is ``$REWRITE_KERNEL_CACHE`` when set, else ``$XDG_CACHE_HOME/rewrite/kernels``
-(``~/.cache/rewrite/kernels``); ``set_cache_dir`` changes it for this process.
+(``~/.cache/rewrite/kernels``); ``set_cache_dir`` changes it for this process. It is created
+owner-only (0o700, files 0o600) and refused with ``KernelCacheError`` when another user could
+change what it holds: when it is owned by another user or writable by group or others, or when
+a directory above it, through which it could be renamed and replaced, is owned by someone other
+than us or root or is writable by others without the sticky bit (``/tmp`` is fine: there only
+an entry's owner may rename it). A directory that cannot be created or written to raises the
+same error, naming it and what to do.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import linecache
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -29,6 +41,17 @@ _lock = threading.Lock()
 _modules: dict[str, types.ModuleType] = {}
 _cache_dir: Path | None = None
 stats = {"memory_hits": 0, "disk_hits": 0, "writes": 0, "repairs": 0}
+
+_ELSEWHERE = "use a private folder instead (set REWRITE_KERNEL_CACHE, or call codegen.set_cache_dir)"
+
+
+class KernelCacheError(OSError):
+    """The kernel cache directory cannot be used: it cannot be created or written to, or
+    another user could change what it holds. The message names it and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message  # str() may grow on the way up: torch.fx appends the node it was running
 
 
 def cache_dir() -> Path:
@@ -66,6 +89,7 @@ def load(source: str, specialisation: str = "") -> types.ModuleType:
             stats["memory_hits"] += 1
             return module
         directory = cache_dir()
+        _check_private(directory)
         path = directory / f"{key}.py"
         try:
             on_disk = path.read_text() if path.exists() else None
@@ -76,32 +100,73 @@ def load(source: str, specialisation: str = "") -> types.ModuleType:
         else:
             if on_disk is not None:
                 stats["repairs"] += 1
-            _write_atomically(directory, path, source)
+            try:
+                _write_atomically(path, source)
+            except OSError as exc:
+                raise KernelCacheError(
+                    f"kernel cache directory {directory} cannot be written to ({exc.strerror or exc}): {_ELSEWHERE}"
+                ) from exc
             stats["writes"] += 1
-        module = _import(key, path)
+        module = _run(key, path, source)
         _modules[key] = module
         return module
 
 
-def _write_atomically(directory: Path, path: Path, source: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem[:16]}-", suffix=".tmp")
+def _check_private(directory: Path) -> None:
+    """Create ``directory`` owner-only, or refuse it if another user could change what it holds:
+    through it, or through a directory above it by renaming or replacing it (as ssh checks ~/.ssh)."""
+    what = f"kernel cache directory {directory}"
+    try:
+        # one by one: mkdir(parents=True) would give the missing parents the umask's mode
+        for missing in reversed([d for d in (directory, *directory.parents) if not d.exists()]):
+            missing.mkdir(mode=0o700, exist_ok=True)
+        real = Path(os.path.realpath(directory))
+        info = real.stat()
+    except OSError as exc:
+        raise KernelCacheError(f"{what} cannot be created ({exc.strerror or exc}): {_ELSEWHERE}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise KernelCacheError(f"{what} is not a directory: {_ELSEWHERE}")
+    me = os.geteuid()
+    if info.st_uid != me:
+        raise KernelCacheError(f"{what} belongs to another user (uid {info.st_uid}): {_ELSEWHERE}")
+    if info.st_mode & 0o022:
+        mode = stat.S_IMODE(info.st_mode)
+        raise KernelCacheError(f"{what} is writable by other users (mode {mode:o}): run `chmod 700 {directory}`, "
+                               f"or {_ELSEWHERE}")  # fmt: skip
+    for parent in real.parents:
+        info = parent.stat()
+        if info.st_uid not in (0, me):
+            why = f"belongs to another user (uid {info.st_uid})"
+        elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:  # sticky (/tmp): only owners rename
+            why = f"is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+        else:
+            continue
+        raise KernelCacheError(f"{what} could be replaced by another user: {parent}, above it, {why}; {_ELSEWHERE}")
+
+
+def _write_atomically(path: Path, source: str) -> None:
+    # mkstemp makes the file owner-only, like the directory: the cache is not shared between users
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(source)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; other users may share the cache
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _import(key: str, path: Path) -> types.ModuleType:
+def _run(key: str, path: Path, source: str) -> types.ModuleType:
+    """A module executing ``source``, the checked text, under the name of its file ``path``."""
+    filename = str(path)
+    # inspect (so Triton) reads sources through linecache: with no mtime, checkcache keeps this
+    # entry, and the kernel's source stays the checked text whatever happens to the file.
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     name = f"rewrite_kernel_{key[:24]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = types.ModuleType(name)
+    module.__file__ = filename
     sys.modules[name] = module  # triton's inspect-based source lookup wants the module registered
-    spec.loader.exec_module(module)
+    exec(compile(source, filename, "exec"), module.__dict__)
     return module
 
 

@@ -31,3 +31,8 @@ class PassError(RewriteError):
 
 class CheckpointError(RewriteError):
     """A file could not be read, or holds something rewrite refuses to load."""
+
+
+class KernelCacheError(RewriteError):
+    """The directory of emitted Triton kernels cannot be used (see ``codegen.cache``); not a
+    pass's fault, so no pass is named."""

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
-from rewrite.errors import PassError, RewriteError
+from rewrite.errors import KernelCacheError, PassError, RewriteError
 from rewrite.module import clone_graph_module
 from rewrite.pass_infra import Pass, PassContext
 from rewrite.report import PassReport
@@ -50,6 +50,7 @@ class PassManager:
         except RewriteError:
             raise
         except Exception as exc:
+            _raise_if_kernel_cache(exc)
             raise PassError(p.name, f"failed: {type(exc).__name__}: {exc}") from exc
         try:
             work.graph.lint()
@@ -80,6 +81,7 @@ class PassManager:
         try:
             numerics = compare(before, after, ctx.example_args, ctx.example_kwargs)
         except Exception as exc:
+            _raise_if_kernel_cache(exc)
             raise PassError(p.name, f"the rewritten graph fails on the example inputs: {type(exc).__name__}: {exc}") from exc
         if p.exact_forward and not numerics.forward_within_rounding:
             worst = numerics.worst(numerics.outputs)
@@ -88,3 +90,11 @@ class PassManager:
             worst = numerics.worst(numerics.grads)
             raise PassError(p.name, f"changed the gradients beyond float rounding: {worst.describe()}")
         return numerics
+
+
+def _raise_if_kernel_cache(exc: Exception) -> None:
+    """An unusable kernel cache directory is not the pass's fault: codegen's message names it."""
+    from codegen.cache import KernelCacheError as UnusableDirectory
+
+    if isinstance(exc, UnusableDirectory):
+        raise KernelCacheError(exc.message) from exc
