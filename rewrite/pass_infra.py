@@ -4,9 +4,17 @@
     class MyPass(Pass):
         '''One line that ``rewrite passes`` prints.'''
         name: ClassVar[str] = "my_pass"
-        threshold: float = option(0.5, "what it does")
+        threshold: float = option(0.5, "what it does", gt=0, le=1)
+        mode: Literal["fast", "exact"] = option("fast", "how")
 
         def run(self, gm, ctx) -> PassResult: ...
+
+Every option is checked when the pass is made, from Python or from a CLI spec, in
+``Pass.__post_init__``: its type, the bounds ``option`` declares for a number (a float that
+is nan or infinite only where a bound names infinity), the values a ``Literal`` lists, and
+text through the option's ``parse``. A refused value is an ``OptionError`` naming the pass,
+the option, the value and what it may be; a pass checks in its own ``__post_init__`` (after
+``super().__post_init__()``) only what depends on more than one option.
 
 ``check`` is the precondition (raise ``PassError`` with what to do), ``run`` rewrites ``gm``
 in place and returns what it changed and what it left alone and why, ``postcondition`` checks
@@ -24,13 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import re
 import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch.fx as fx
 
@@ -43,9 +52,67 @@ _BUILTIN_PASSES = {
 _registered: dict[str, type[Pass]] = {}
 
 
-def option(default: Any, doc: str) -> Any:
-    """A pass option: its default and the one line of help the CLI and README show."""
-    return field(default=default, metadata={"doc": doc})
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric option's value may lie. A side without a bound stops short of infinity,
+    so nan and the infinities are refused unless a closed bound names them (``le=math.inf``)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_closed: bool = False
+    high_closed: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def text(self, name: str) -> str:
+        """'0 < budget <= 1'; 'a finite number' without bounds."""
+        low, high = "", ""
+        if self.low_closed or self.low > -math.inf:
+            low = f"{format_value(self.low)} {'<=' if self.low_closed else '<'} "
+        if self.high_closed or self.high < math.inf:
+            high = f" {'<=' if self.high_closed else '<'} {format_value(self.high)}"
+        return f"{low}{name}{high}" if low or high else "a finite number"
+
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
+    """A pass option: its default, the one line of help the CLI and README show (say there why
+    the bounds are where they are), the bounds of a number (``gt=0, le=1``: 0 < value <= 1) and,
+    for text, ``parse``, which reads a value and raises ValueError saying why it cannot."""
+    if (ge is not None and gt is not None) or (le is not None and lt is not None):
+        raise TypeError("option: give one lower bound (ge or gt) and one upper bound (le or lt) at most")
+    bounds = Range(
+        low=next((b for b in (ge, gt) if b is not None), -math.inf),
+        high=next((b for b in (le, lt) if b is not None), math.inf),
+        low_closed=ge is not None,
+        high_closed=le is not None,
+    )
+    return field(default=default, metadata={"doc": doc, "range": bounds, "parse": parse})
+
+
+def allowed_text(cls: type[Pass], option_field: dataclasses.Field) -> str:
+    """What an option accepts beyond its type, for help and the README: '0 < budget <= 1',
+    'training, inference'; '' when any value of its type will do."""
+    literals = [k for k in _kinds(_field_types(cls).get(option_field.name)) if _is_literal(k)]
+    parts = [", ".join(format_value(v) for v in typing.get_args(k)) for k in literals]
+    return " or ".join(filter(None, [*parts, _range_text(option_field)]))
+
+
+def option_help(cls: type[Pass], option_field: dataclasses.Field) -> str:
+    """The option's doc, then what it accepts in brackets."""
+    allowed = allowed_text(cls, option_field)
+    return option_field.metadata.get("doc", "") + (f" [{allowed}]" if allowed else "")
 
 
 @dataclass
@@ -90,11 +157,10 @@ class Pass(ABC):
     def __post_init__(self):
         hints = _field_types(type(self))
         for f in self.options():
-            value, annotation = getattr(self, f.name), hints.get(f.name)
-            if annotation is not None and not _has_type(value, annotation):
-                raise OptionError(
-                    f"pass {self.name!r}: option {f.name}={value!r} must be {_type_text(annotation)} ({f.metadata.get('doc', '')})"
-                )
+            value = getattr(self, f.name)
+            problem = _option_problem(f, hints.get(f.name), value)
+            if problem:
+                raise OptionError(f"pass {self.name!r}: option {f.name}={value!r} {problem} ({f.metadata.get('doc', '')})")
 
     @property
     def exact_forward(self) -> bool:
@@ -180,24 +246,66 @@ def _kinds(annotation: Any) -> tuple:
     return typing.get_args(annotation) if union else (annotation,)
 
 
+_TYPE_CHECKS = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    type(None): lambda v: v is None,
+}
+
+
+def _is_literal(kind: Any) -> bool:
+    return typing.get_origin(kind) is Literal
+
+
 def _has_type(value: Any, annotation: Any) -> bool:
-    """Whether ``value`` fits an option's annotation (bool, int, float, str, None, unions of
-    these); other annotations are not checked."""
-    checks = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        type(None): lambda v: v is None,
-    }
+    """Whether ``value`` fits an option's annotation (bool, int, float, str, None, Literal,
+    unions of these); other annotations are not checked."""
     kinds = _kinds(annotation)
-    if not all(k in checks for k in kinds):
+    if not all(k in _TYPE_CHECKS or _is_literal(k) for k in kinds):
         return True
-    return any(checks[k](value) for k in kinds)
+    return any(
+        any(type(value) is type(v) and value == v for v in typing.get_args(k)) if _is_literal(k) else _TYPE_CHECKS[k](value)
+        for k in kinds
+    )
 
 
 def _type_text(annotation: Any) -> str:
-    return " or ".join("none" if k is type(None) else getattr(k, "__name__", str(k)) for k in _kinds(annotation))
+    def text(kind):
+        if _is_literal(kind):
+            return "one of " + ", ".join(map(repr, typing.get_args(kind)))
+        return "none" if kind is type(None) else getattr(kind, "__name__", str(kind))
+
+    return " or ".join(map(text, _kinds(annotation)))
+
+
+def _range_text(option_field: dataclasses.Field) -> str:
+    """'1 <= intervals <= 8' where the option declares bounds, else ''."""
+    bounds = option_field.metadata.get("range", Range())
+    return "" if bounds == Range() else bounds.text(option_field.name)
+
+
+def _type_and_range_text(option_field: dataclasses.Field, annotation: Any) -> str:
+    bounds = _range_text(option_field)
+    return _type_text(annotation) + (f", {bounds}" if bounds else "")
+
+
+def _option_problem(option_field: dataclasses.Field, annotation: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` for this option (None: nothing), as the end of a sentence
+    that starts 'option name=value'."""
+    if annotation is not None and not _has_type(value, annotation):
+        return f"must be {_type_and_range_text(option_field, annotation)}"
+    bounds = option_field.metadata.get("range", Range())
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in bounds:
+        return f"must be {bounds.text(option_field.name)}"
+    parse = option_field.metadata.get("parse")
+    if parse is not None and isinstance(value, str):
+        try:
+            parse(value)
+        except ValueError as exc:
+            return f"is not valid: {exc}"
+    return None
 
 
 def _convert(pass_name: str, option_field: dataclasses.Field, annotation: Any, text: str) -> Any:
@@ -206,6 +314,10 @@ def _convert(pass_name: str, option_field: dataclasses.Field, annotation: Any, t
     if type(None) in kinds and lowered in ("none", "null"):
         return None
     for kind in kinds:
+        if _is_literal(kind):
+            for value in typing.get_args(kind):
+                if format_value(value) == text.strip():
+                    return value
         if kind is bool and lowered in ("true", "false", "1", "0", "yes", "no"):
             return lowered in ("true", "1", "yes")
         if kind is int:
@@ -218,9 +330,11 @@ def _convert(pass_name: str, option_field: dataclasses.Field, annotation: Any, t
                 return float(text)
             except ValueError:
                 pass
-    if str in kinds:
-        return text.strip()
-    raise OptionError(f"pass {pass_name!r}: option {option_field.name}={text!r} is not a valid {_type_text(annotation)}")
+    if str in kinds or any(map(_is_literal, kinds)):
+        return text.strip()  # a value no Literal lists is refused, with the list, when the pass is made
+    raise OptionError(
+        f"pass {pass_name!r}: option {option_field.name}={text!r} is not a valid {_type_and_range_text(option_field, annotation)}"
+    )
 
 
 def make_pass(name: str, raw_options: dict[str, Any] | None = None) -> Pass:
@@ -258,8 +372,12 @@ def parse_pipeline(text: str) -> list[Pass]:
         for item in filter(None, (part.strip() for part in (body or "").split(","))):
             if "=" not in item:
                 raise OptionError(f"pass {name!r}: option {item!r} needs a value (option=value)")
-            key, value = item.split("=", 1)
-            options[key.strip()] = value.strip()
+            key, value = (part.strip() for part in item.split("=", 1))
+            if key in options:
+                raise OptionError(
+                    f"pass {name!r}: option {key} is given twice ({key}={options[key]} and {key}={value}); give it once"
+                )
+            options[key] = value
         passes.append(make_pass(name, options))
         position = m.end()
     if not passes:

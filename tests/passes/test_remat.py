@@ -283,25 +283,42 @@ def test_impossible_size_budget_and_its_suggestion_works():
 
 
 @pytest.mark.parametrize(
-    "options, option",
+    "options, allowed",
     [
-        pytest.param(dict(budget=0), "budget", id="budget=0"),
-        pytest.param(dict(budget=-0.5), "budget", id="budget=-0.5"),
-        pytest.param(dict(budget="abc"), "budget", id="budget=abc"),
-        pytest.param(dict(budget="12 parsecs"), "budget", id="budget=12parsecs"),
-        pytest.param(dict(graph="x"), "graph", id="graph=x"),
-        pytest.param(dict(intervals=0), "intervals", id="intervals=0"),
-        pytest.param(dict(time_limit=0), "time_limit", id="time_limit=0"),
-        pytest.param(dict(solver="checkmate-ish"), "solver", id="solver=other"),
-        pytest.param(dict(cost="time"), "cost", id="cost=time"),
+        pytest.param(dict(budget=0), "0 < budget <= 1", id="budget=0"),
+        pytest.param(dict(budget=-0.5), "0 < budget <= 1", id="budget=-0.5"),
+        pytest.param(dict(budget=1.5), "0 < budget <= 1", id="budget=1.5"),
+        pytest.param(dict(budget=math.inf), "0 < budget <= 1", id="budget=inf"),
+        pytest.param(dict(budget=math.nan), "0 < budget <= 1", id="budget=nan"),
+        pytest.param(dict(budget="abc"), "cannot read the size", id="budget=abc"),
+        pytest.param(dict(budget="12 parsecs"), "cannot read the size", id="budget=12parsecs"),
+        pytest.param(dict(budget="1e999GB"), "finite number of bytes", id="budget=1e999GB"),
+        pytest.param(dict(budget="0B"), "at least 1", id="budget=0B"),
+        pytest.param(dict(graph="x"), "one of 'training', 'inference'", id="graph=x"),
+        pytest.param(dict(intervals=0), "1 <= intervals <= 8", id="intervals=0"),
+        pytest.param(dict(intervals=1_000_000), "1 <= intervals <= 8", id="intervals=1000000"),
+        pytest.param(dict(time_limit=0), "0 < time_limit <= 3600", id="time_limit=0"),
+        pytest.param(dict(time_limit=math.nan), "0 < time_limit <= 3600", id="time_limit=nan"),
+        pytest.param(dict(time_limit=math.inf), "0 < time_limit <= 3600", id="time_limit=inf"),
+        pytest.param(dict(workers=-1), "0 <= workers <= 64", id="workers=-1"),
+        pytest.param(dict(solver="checkmate-ish"), "one of 'moccasin'", id="solver=other"),
+        pytest.param(dict(cost="time"), "one of 'flops', 'roofline', 'measured'", id="cost=time"),
     ],
 )
-def test_invalid_options_name_the_option(options, option):
-    with pytest.raises((OptionError, ValueError), match=option):
+def test_invalid_options_are_option_errors_naming_option_value_and_range(options, allowed):
+    ((key, value),) = options.items()
+    with pytest.raises(OptionError) as caught:
         Remat(**options)
-    spec = "remat{" + ",".join(f"{k}={v}" for k, v in options.items()) + "}"
-    with pytest.raises(OptionError, match=option):
-        optimize(nn.Linear(4, 4), spec, (torch.randn(2, 4),))
+    assert str(caught.value).startswith(f"pass 'remat': option {key}={value!r} ") and allowed in str(caught.value)
+    with pytest.raises(OptionError, match=f"pass 'remat': option {key}=.*{re.escape(allowed)}"):
+        optimize(nn.Linear(4, 4), f"remat{{{key}={value}}}", (torch.randn(2, 4),))
+
+
+def test_the_intervals_hint_stops_at_the_largest_allowed():
+    model, inputs = _small_mlp()
+    with pytest.raises(PassError, match="smallest budget") as caught:
+        optimize(model, [Remat(budget="1KB", time_limit=3, intervals=8)], inputs, verify=False)
+    assert "intervals=" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------- cost models
@@ -564,6 +581,21 @@ def test_another_batch_size_is_planned_again(planned):
     # and the original shape still runs its own schedule
     _assert_all_close(_grads(p.module, p.inputs), _grads(reference, p.inputs))
     assert len(p.step.partitions) == planned_before + 1
+
+
+def test_a_call_whose_new_shape_no_schedule_fits_raises_a_rewrite_error_with_the_advice():
+    # 150 KB holds the whole step at batch 64 (about 115 KB) but not at batch 512, which needs
+    # more than 500 KB even with recomputation: the call plans again, and fails to
+    model, _ = _small_mlp()
+    m = optimize(model, [Remat(budget="150KB", time_limit=3)], (torch.randn(64, 32),), verify=False)
+    assert next(iter(m.meta["training_step"].partitions.values())).plain_peak < 150_000
+    with pytest.raises(rewrite.RewriteError) as caught:
+        m(torch.randn(512, 32))
+    assert isinstance(caught.value, PassError) and caught.value.pass_name == "remat"
+    message = str(caught.value)
+    assert message.startswith("pass 'remat': no schedule fits the budget")
+    _, size = _smallest_from(message)
+    assert size > 150_000 and "intervals=3" in message
 
 
 @pytest.mark.parametrize("name", list(MODELS))

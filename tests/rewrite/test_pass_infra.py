@@ -1,19 +1,26 @@
 """Pass infrastructure: passes as frozen dataclasses whose fields are options, the registry,
-the CLI spelling of a pipeline (parsed, converted by type, refused with a clear message)."""
+the CLI spelling of a pipeline (parsed, converted by type, refused with a clear message), and
+option values checked in one place against their type, range or listed values, from Python,
+a spec or the command line (and fuzzed: a spec gives passes or an OptionError, nothing else)."""
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import rewrite
 from rewrite import Change, OptionError, Pass, PassResult, option, optimize, pass_names, register_pass
 from rewrite import pass_infra
-from rewrite.pass_infra import make_pass, parse_pipeline, pass_class, resolve_passes
+from rewrite.cli import main
+from rewrite.pass_infra import allowed_text, make_pass, parse_pipeline, pass_class, resolve_passes
 
 aten = torch.ops.aten
 
@@ -51,6 +58,27 @@ class Validated(Pass):
     def __post_init__(self):
         if not 0 <= self.ratio <= 1:
             raise ValueError(f"ratio must be between 0 and 1, not {self.ratio}")
+
+    def run(self, gm, ctx):
+        return PassResult()
+
+
+def _word(text: str) -> str:
+    if not text.isalpha():
+        raise ValueError(f"{text!r} is not a word")
+    return text
+
+
+@dataclass(frozen=True)
+class Bounded(Pass):
+    """Options with ranges and fixed values."""
+
+    name: ClassVar[str] = "bounded"
+    count: int = option(2, "how many", ge=1, le=8)
+    ratio: float = option(0.5, "how much", gt=0, le=1)
+    limit: float = option(math.inf, "an upper bound; inf for none", gt=0, le=math.inf)
+    size: float | str = option(1.0, "a number or a word", ge=0, lt=10, parse=_word)
+    mode: Literal["fast", "exact"] = option("fast", "how")
 
     def run(self, gm, ctx):
         return PassResult()
@@ -204,6 +232,190 @@ def test_a_value_the_pass_itself_refuses_is_an_option_error():
         parse_pipeline("validated{ratio=3}")
     with pytest.raises(OptionError, match="'validated'"):
         make_pass("validated", {"ratio": -1.0})
+
+
+# -- option values: ranges, non-finite floats, literals, repeats ----------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "options, allowed",
+    [
+        pytest.param(dict(count=0), "1 <= count <= 8", id="int-below"),
+        pytest.param(dict(count=10**6), "1 <= count <= 8", id="int-above"),
+        pytest.param(dict(count=2.5), "must be int, 1 <= count <= 8", id="int-given-float"),
+        pytest.param(dict(count=True), "must be int, 1 <= count <= 8", id="int-given-bool"),
+        pytest.param(dict(ratio=0), "0 < ratio <= 1", id="float-open-bound"),
+        pytest.param(dict(ratio=1.5), "0 < ratio <= 1", id="float-above"),
+        pytest.param(dict(ratio=NAN), "0 < ratio <= 1", id="float-nan"),
+        pytest.param(dict(ratio=INF), "0 < ratio <= 1", id="float-inf"),
+        pytest.param(dict(ratio="half"), "must be float, 0 < ratio <= 1", id="float-given-str"),
+        pytest.param(dict(limit=NAN), "0 < limit <= inf", id="inf-allowed-nan-not"),
+        pytest.param(dict(limit=-INF), "0 < limit <= inf", id="inf-allowed-minus-inf-not"),
+        pytest.param(dict(size=10), "0 <= size < 10", id="union-number"),
+        pytest.param(dict(size="a1"), "'a1' is not a word", id="union-text-parse"),
+        pytest.param(dict(mode="slow"), "one of 'fast', 'exact'", id="literal"),
+        pytest.param(dict(mode=1), "one of 'fast', 'exact'", id="literal-given-int"),
+    ],
+)
+def test_python_option_out_of_its_range_or_values_names_pass_option_value_and_what_is_allowed(options, allowed):
+    ((key, value),) = options.items()
+    with pytest.raises(OptionError) as info:
+        Bounded(**options)
+    message = str(info.value)
+    assert message.startswith(f"pass 'bounded': option {key}={value!r} ")
+    assert allowed in message
+
+
+def test_unbounded_numbers_are_still_finite_and_declared_bounds_hold_inside():
+    with pytest.raises(OptionError, match=r"option ratio=nan must be a finite number"):
+        Tunable(ratio=NAN)
+    with pytest.raises(OptionError, match=r"option limit=inf must be a finite number"):
+        Tunable(limit=INF)
+    assert Tunable(count=-3, ratio=1e300).count == -3
+    assert Bounded(limit=INF).limit == INF  # the range names infinity
+    # closed bounds are inside the range; just inside the open ones is too
+    Bounded(count=1, ratio=1, size=0)
+    Bounded(count=8, ratio=1e-300, size=9.999)
+    assert Bounded(size="word").size == "word"
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("count=9", "option count=9 must be 1 <= count <= 8"),
+        ("ratio=nan", "option ratio=nan must be 0 < ratio <= 1"),
+        ("ratio=inf", "option ratio=inf must be 0 < ratio <= 1"),
+        ("ratio=1e999", "option ratio=inf must be 0 < ratio <= 1"),
+        ("limit=-inf", "option limit=-inf must be 0 < limit <= inf"),
+        ("mode=slow", "option mode='slow' must be one of 'fast', 'exact'"),
+        ("size=12 parsecs", "option size='12 parsecs' is not valid: '12 parsecs' is not a word"),
+        ("count=two", "option count='two' is not a valid int, 1 <= count <= 8"),
+        ("ratio=0.5,ratio=0.7", "option ratio is given twice (ratio=0.5 and ratio=0.7); give it once"),
+        ("count=2, count =2", "option count is given twice"),
+    ],
+)
+def test_spec_option_errors(item, message):
+    register_pass(Bounded)
+    with pytest.raises(OptionError) as info:
+        parse_pipeline(f"bounded{{{item}}}")
+    assert str(info.value).startswith(f"pass 'bounded': {message}")
+
+
+def test_spec_values_of_a_literal_and_of_infinity_where_allowed():
+    register_pass(Bounded)
+    assert parse_pipeline("bounded{mode=exact,limit=inf,size=word}") == [Bounded(mode="exact", limit=INF, size="word")]
+    p = Bounded(mode="exact", count=8, ratio=0.25)
+    assert parse_pipeline(p.spec()) == [p]
+
+
+@pytest.mark.parametrize(
+    "spec, mentions",
+    [
+        ("remat{budget=-1}", ["option budget=-1.0 must be 0 < budget <= 1"]),
+        ("remat{budget=nan}", ["option budget=nan must be 0 < budget <= 1"]),
+        ("remat{budget=inf}", ["option budget=inf must be 0 < budget <= 1"]),
+        ("remat{budget=1e999GB}", ["option budget='1e999GB'", "finite number of bytes"]),
+        ("remat{budget=12 parsecs}", ["option budget='12 parsecs' is not valid: cannot read the size"]),
+        ("remat{time_limit=nan}", ["option time_limit=nan must be 0 < time_limit <= 3600"]),
+        ("remat{time_limit=0}", ["option time_limit=0.0 must be 0 < time_limit <= 3600"]),
+        ("remat{intervals=1000000}", ["option intervals=1000000 must be 1 <= intervals <= 8"]),
+        ("remat{intervals=2.5}", ["option intervals='2.5' is not a valid int, 1 <= intervals <= 8"]),
+        ("remat{workers=-1}", ["option workers=-1 must be 0 <= workers <= 64"]),
+        ("remat{graph=x}", ["option graph='x' must be one of 'training', 'inference'"]),
+        ("remat{solver=checkmate}", ["option solver='checkmate' must be one of 'moccasin'"]),
+        ("remat{cost=time}", ["option cost='time' must be one of 'flops', 'roofline', 'measured'"]),
+        ("remat{budget=0.5,budget=0.7}", ["option budget is given twice (budget=0.5 and budget=0.7)"]),
+    ],
+)
+def test_cli_option_errors_exit_2_with_one_error_line(spec, mentions, tmp_path, capsys):
+    # the passes are read before the input file, so a model is not needed to refuse them
+    rc = main(["run", str(tmp_path / "model.pt2"), "-p", spec, "-o", str(tmp_path / "out.pt2")])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: pass '"), err
+    for text in mentions:
+        assert text in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_passes_help_shows_each_options_range_or_values(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "[0 < budget <= 1]" in out and "[1 <= intervals <= 8]" in out and "[training, inference]" in out
+
+
+def _numeric(cls, f) -> bool:
+    return any(k in (int, float) for k in pass_infra._kinds(typing.get_type_hints(cls)[f.name]))
+
+
+@pytest.mark.parametrize("name", sorted(pass_infra._BUILTIN_PASSES))
+def test_every_numeric_option_of_a_builtin_pass_has_a_range_and_the_readme_shows_it(name):
+    cls = pass_class(name)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split(f"### `{name}`", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| `") and len(cells) == 4:
+            rows[cells[0].strip("`")] = cells
+    assert list(rows) == [f.name for f in cls.options()], "the README's option table lists the options in order"
+    for f in cls.options():
+        if _numeric(cls, f):
+            assert f.metadata["range"] != pass_infra.Range(), f"{name}.{f.name} has no range"
+        assert allowed_text(cls, f) in rows[f.name][2].replace("`", ""), (f.name, rows[f.name])
+
+
+def test_remat_cost_values_are_the_cost_models():
+    from passes import Remat
+    from rewrite.training_graph import COST_MODELS
+
+    assert typing.get_args(typing.get_type_hints(Remat)["cost"]) == tuple(COST_MODELS)
+
+
+# Specs near the edges: each pass with its own options (and one it lacks) set to values out of
+# range, non-finite, too long for int(), sizes that overflow, stray punctuation; and plain junk.
+_OPTIONS = {cls.name: [f.name for f in cls.options()] for cls in (pass_class("remat"), pass_class("approx_bp"), Bounded, Tunable)}
+_VALUES = ["nan", "-nan", "inf", "-inf", "infinity", "1e999", "-1e999", "0", "-0.0", "1", "8", "9", "3600", "3601",
+           "1000000", "0.5", "2.5", "true", "none", "training", "exact", "moccasin", "checkmate", "1e999GB", "1e-999B",
+           "0B", "1.5GB", "1e300TB", "12 parsecs", "9" * 5000, "", "=", "1_0", " 7 "]  # fmt: skip
+_number = st.one_of(st.integers().map(str), st.floats().map(repr))
+_value = st.one_of(
+    st.sampled_from(_VALUES),
+    _number,
+    st.builds("{}{}".format, _number, st.sampled_from(["B", "KB", "GiB", "TB"])),
+    st.text(alphabet="0123456789.eE+-_ xnaifGBiKMT=", max_size=10),
+)
+
+
+@st.composite
+def _spec(draw) -> str:
+    name = draw(st.sampled_from([*_OPTIONS, "nope"]))
+    keys = st.sampled_from([*_OPTIONS.get(name, []), "nope"])
+    items = draw(st.lists(st.builds("{}={}".format, keys, _value), max_size=3))
+    return name + ("{" + ",".join(items) + "}" if items or draw(st.booleans()) else "")
+
+
+_pipeline = st.one_of(
+    st.lists(_spec(), min_size=1, max_size=3).map(",".join),
+    st.text(alphabet="remat{}=,.0123456789 nfi", max_size=30),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_pipeline)
+@example(text="remat{budget=1e999GB}")  # was an OverflowError from reading the size
+def test_any_spec_gives_passes_or_an_option_error(text):
+    register_pass(Bounded)
+    register_pass(Tunable)
+    try:
+        passes = resolve_passes(text)
+    except OptionError:
+        return
+    assert passes and all(isinstance(p, Pass) for p in passes)
 
 
 # -- make_pass / resolve_passes ------------------------------------------------------------
