@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -50,14 +51,14 @@ class Progress:
 
 
 def _format_pass_help() -> str:
-    from rewrite.pass_infra import format_value, pass_class, pass_names
+    from rewrite.pass_infra import format_value, option_help, pass_class, pass_names
 
     lines = []
     for name in pass_names():
         cls = pass_class(name)
         lines.append(f"{name}: {cls.summary()}")
         for f in cls.options():
-            lines.append(f"    {f.name}={format_value(f.default)}  {f.metadata.get('doc', '')}")
+            lines.append(f"    {f.name}={format_value(f.default)}  {option_help(cls, f)}")
     return "\n".join(lines)
 
 
@@ -74,23 +75,54 @@ def _parse_shape(text: str) -> list[int]:
     try:
         shape = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
     except ValueError:
-        raise OptionError(f"--input-shape {text!r}: write the sizes as integers separated by commas, e.g. 8,3,224,224") from None
-    if not shape or any(s < 0 for s in shape):
-        raise OptionError(f"--input-shape {text!r}: write the sizes as integers separated by commas, e.g. 8,3,224,224")
+        shape = []
+    if not shape or any(s < 1 for s in shape):
+        raise OptionError(
+            f"--input-shape {text!r}: write the sizes as integers of at least 1 separated by commas, e.g. 8,3,224,224"
+        )
     return shape
+
+
+def _available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable, else all of it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def make_inputs(shapes: list[str], dtypes: list[str], int_high: int) -> tuple:
     """Random example inputs (seed 0) of the given shapes and dtypes."""
     if dtypes and len(dtypes) not in (1, len(shapes)):
         raise OptionError(f"give one --input-dtype for all inputs or one per --input-shape ({len(shapes)}), not {len(dtypes)}")
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for i, text in enumerate(shapes):
-        name = (dtypes[i] if len(dtypes) > 1 else dtypes[0]) if dtypes else "float32"
+    names = [(dtypes[i] if len(dtypes) > 1 else dtypes[0]) if dtypes else "float32" for i in range(len(shapes))]
+    for name in names:
         if name not in _DTYPES:
             raise OptionError(f"--input-dtype {name!r} is not one of: {', '.join(_DTYPES)}")
-        dtype, shape = _DTYPES[name], _parse_shape(text)
+    shapes_ = [_parse_shape(text) for text in shapes]
+    # The rewrite runs the model several times on these and keeps copies: allow a quarter of the memory.
+    needed = sum(math.prod(shape) * _DTYPES[name].itemsize for shape, name in zip(shapes_, names))
+    available = _available_memory()
+    if needed > available // 4:
+        raise OptionError(
+            f"--input-shape {' '.join(shapes)}: the inputs alone take {needed / 2**30:.3g} GiB, more than a quarter of "
+            f"the {available / 2**30:.3g} GiB of memory available; give smaller shapes (a small batch is enough to rewrite)"
+        )
+    integer_names = [name for name in names if not _DTYPES[name].is_floating_point and name != "bool"]
+    if integer_names:
+        if int_high < 1:
+            raise OptionError(f"--int-high {int_high}: integer inputs are drawn from [0, N); N must be at least 1")
+        limit = min(torch.iinfo(_DTYPES[name]).max for name in integer_names) + 1
+        if int_high > limit:
+            raise OptionError(f"--int-high {int_high}: larger than {', '.join(integer_names)} can hold ({limit})")
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for shape, name in zip(shapes_, names):
+        dtype = _DTYPES[name]
         if dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=generator).to(dtype))
         elif dtype is torch.bool:
@@ -101,15 +133,23 @@ def make_inputs(shapes: list[str], dtypes: list[str], int_high: int) -> tuple:
 
 
 def _import_factory(spec: str):
-    if ":" not in spec:
-        raise OptionError(f"--model {spec!r}: write it as package.module:factory (a function that returns the nn.Module)")
-    module_name, attr = spec.split(":", 1)
+    module_name, _, attr = spec.partition(":")
+    if not (module_name and attr and all(part.isidentifier() for part in module_name.split("."))
+            and attr.isidentifier()):
+        raise OptionError(
+            f"--model {spec!r}: write it as package.module:factory (an importable module, not a file path, and a "
+            "function in it that returns the nn.Module)"
+        )
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise OptionError(f"--model {spec!r}: cannot import {module_name}: {exc}") from exc
+    except SyntaxError as exc:
+        raise OptionError(f"--model {spec!r}: {exc.filename}, line {exc.lineno}: syntax error: {exc.msg}") from exc
+    except Exception as exc:  # the user's module raised while being imported
+        raise OptionError(f"--model {spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise OptionError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
@@ -146,28 +186,39 @@ def build_model(spec: str, kwargs_json: str | None, state: dict, source: Path) -
     return model
 
 
+def _check_output(option: str, path: Path, suffixes: tuple[str, ...], what: str) -> None:
+    """Fail before the (long) rewrite when the result could not be written."""
+    if path.suffix not in suffixes:
+        raise OptionError(f"{option} {path}: {what} is written as {suffixes[0]}; give a name ending in {suffixes[0]}")
+    if path.is_dir():
+        raise OptionError(f"{option} {path}: is a folder; give a file name ending in {suffixes[0]}")
+    if not path.parent.is_dir():
+        raise OptionError(f"{option} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OptionError(f"{option} {path}: the folder {path.parent} is not writable")
+
+
 def _check_outputs(args) -> None:
-    source = Path(args.input)
-    out = Path(args.output)
-    if out.suffix != ".pt2":
-        raise OptionError(f"-o {out}: the rewritten model is written as .pt2; give a name ending in .pt2")
-    if not out.parent.is_dir():
-        raise OptionError(f"-o {out}: the folder {out.parent} does not exist")
+    source, out = Path(args.input), Path(args.output)
+    _check_output("-o", out, (".pt2",), "the rewritten model")
     if source.exists() and out.exists() and out.resolve() == source.resolve():
         raise OptionError(f"-o {out}: is the input file; write the result to a new file")
     if args.report is not None:
-        report = Path(args.report)
-        if report.suffix not in (".html", ".htm"):
-            raise OptionError(f"--report {report}: give a file name ending in .html")
-        if not report.parent.is_dir():
-            raise OptionError(f"--report {report}: the folder {report.parent} does not exist")
+        _check_output("--report", Path(args.report), (".html", ".htm"), "the report")
 
 
 def cmd_run(args) -> int:
     from rewrite.api import optimize
     from rewrite.html_report import render_html
     from rewrite.pass_infra import resolve_passes
-    from rewrite.serialize import STATE_DICT_SUFFIXES, atomic_write, load, load_state_dict, save
+    from rewrite.serialize import (
+        STATE_DICT_SUFFIXES,
+        atomic_write,
+        inputs_mismatch,
+        load,
+        load_state_dict,
+        program_bytes,
+    )
 
     progress = Progress(not args.quiet)
     _check_outputs(args)
@@ -183,6 +234,9 @@ def cmd_run(args) -> int:
         example_args, example_kwargs = model.example_inputs
         if args.input_shape:
             example_args, example_kwargs = make_inputs(args.input_shape, args.input_dtype, args.int_high), {}
+            mismatch = inputs_mismatch(model, example_args, example_kwargs)
+            if mismatch:
+                raise OptionError(f"--input-shape/--input-dtype do not fit {source}: {mismatch}")
         if not example_args and not example_kwargs:
             raise OptionError(f"{source}: holds no example inputs; give them with --input-shape (and --input-dtype)")
         if args.mode:
@@ -212,15 +266,12 @@ def cmd_run(args) -> int:
         progress=progress,
         codegen={"auto": None, "on": True, "off": False}[args.codegen],
     )
-    page = render_html(rewritten.report) if args.report else None  # fails before anything is written
     progress(f"saving {args.output}")
-    saved = save(rewritten, args.output)
-    if page is not None:
-        try:
-            atomic_write(args.report, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-        except BaseException:
-            saved.unlink()  # all or nothing: no model without its report
-            raise
+    files = {args.output: program_bytes(rewritten)}
+    if args.report:
+        files[args.report] = render_html(rewritten.report)
+    atomic_write(files)  # all or nothing: no model without its report
+    if args.report:
         progress(f"wrote {args.report}")
     print(rewritten.report)
     return 0
@@ -254,15 +305,16 @@ def _inspect_program(path: Path, show_graph: bool, show_kernels: bool = False) -
     if ours:
         print("  rewrite ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ours.items())))
     if report:
-        print(f"  rewritten from {report['model']} ({report['mode']} mode):")
+        print(f"  rewritten from {report.get('model', '?')} ({report.get('mode', '?')} mode):")
         for p in report["passes"]:
-            line = f"    {p['spec']}: {len(p['changes'])} changed, {len(p['skipped'])} left alone, {p['kind']}"
-            numerics = p.get("numerics") or {}
-            if "activation_bytes_before" in numerics:
-                b, a = numerics["activation_bytes_before"], numerics["activation_bytes_after"]
-                line += f"; saved for backward {format_bytes(b)} -> {format_bytes(a)}"
-            if numerics.get("grad_rel_error") is not None:
-                line += f"; gradient error {float(numerics['grad_rel_error']):.3g}"
+            changes, skipped = p.get("changes") or [], p.get("skipped") or []
+            line = f"    {p.get('spec', '?')}: {len(changes)} changed, {len(skipped)} left alone, {p.get('kind', '?')}"
+            numerics = p.get("numerics") if isinstance(p.get("numerics"), dict) else {}
+            before, after = numerics.get("activation_bytes_before"), numerics.get("activation_bytes_after")
+            if _is_number(before) and _is_number(after):
+                line += f"; saved for backward {format_bytes(before)} -> {format_bytes(after)}"
+            if _is_number(numerics.get("grad_rel_error")):
+                line += f"; gradient error {numerics['grad_rel_error']:.3g}"
             print(line)
     if show_graph:
         print("\n".join(graph_lines(program.module())))
@@ -270,6 +322,10 @@ def _inspect_program(path: Path, show_graph: bool, show_kernels: bool = False) -
         from rewrite.kernel_listing import format_listings, kernel_listings
 
         print(format_listings(kernel_listings(program.graph)))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _inspect_state_dict(path: Path) -> None:
@@ -281,7 +337,7 @@ def _inspect_state_dict(path: Path) -> None:
     total = sum(t.numel() for t in state.values())
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     print(f"{path}: state dict, {len(state)} tensors, {total:,} values, {format_bytes(nbytes)}")
-    width = max(len(k) for k in state)
+    width = max((len(k) for k in state), default=0)
     for name, tensor in state.items():
         print(f"  {name:<{width}}  {describe_value(tensor)}")
 
@@ -418,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     except RewriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_status
+    except OSError as exc:
+        from codegen.cache import KernelCacheError as UnusableCache  # raised where a kernel first runs
+
+        if not isinstance(exc, UnusableCache):
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        return RewriteError.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -329,4 +329,4 @@ def render_html(report: Report) -> str:
 
 def write_html(report: Report, path: str | os.PathLike) -> Path:
     """Write the report to ``path`` (through a temporary file renamed into place)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(render_html(report), encoding="utf-8"))
+    return atomic_write({path: render_html(report)})[0]

@@ -6,21 +6,27 @@ a half-written file or touches an existing one."""
 from __future__ import annotations
 
 import contextlib
+import glob
+import io
 import json
 import logging
 import os
 import pickletools
 import re
-import tempfile
+import signal
+import threading
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
 from rewrite.archive import read_program
 from rewrite.capture import batch_dynamic_shapes, export_failure, quiet
 from rewrite.errors import CheckpointError
+from rewrite.graph import describe_value
 from rewrite.module import RewriteInfo, RewrittenModule
 
 REPORT_FILE = "rewrite_report.json"
@@ -28,19 +34,76 @@ STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(temporary_path)``, then rename the result to ``path``."""
-    path = Path(path)
-    # The temporary name keeps the real suffix last: torch.export.save checks for ".pt2".
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
+_TEMPORARY = ".rewrite-tmp"  # .NAME.PID.rewrite-tmp, beside the file it becomes
+
+
+def atomic_write(files: Mapping[str | os.PathLike, bytes | memoryview | str]) -> list[Path]:
+    """Write each file through a temporary file in its folder, then rename them all into place:
+    a failure (an error, a full disk, Ctrl-C, SIGTERM) leaves no partial file and no existing
+    file changed. Files get the permissions the umask gives, as any file the user writes.
+    Temporary files that a killed run left behind are removed by the next write to that name."""
+    temporaries = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with _cleanup_on_signals():
+            for path, data in files.items():
+                path = Path(path)
+                if path.is_dir():
+                    raise CheckpointError(f"{path}: is a folder; give a file name")
+                _remove_stale_temporaries(path)
+                temporaries[path] = tmp = path.with_name(f".{path.name}.{os.getpid()}{_TEMPORARY}")
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                except OSError as exc:
+                    raise CheckpointError(f"{path}: cannot write it: {exc.strerror or exc}") from exc
+            for path, tmp in temporaries.items():
+                try:
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    raise CheckpointError(f"{path}: cannot write it: {exc.strerror or exc}") from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
+    return list(temporaries)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{_TEMPORARY}"):
+        pid = tmp.name[len(path.name) + 2 : -len(_TEMPORARY)]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _cleanup_on_signals():
+    """SIGTERM and SIGHUP end the process through Python (SystemExit), so that the cleanup of
+    temporary files runs; signals can only be handled in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def export(module: torch.nn.Module, example_args=None, example_kwargs=None, dynamic_shapes=None):
@@ -61,6 +124,17 @@ def export(module: torch.nn.Module, example_args=None, example_kwargs=None, dyna
         raise export_failure(exc, f"cannot export {type(module).__name__} to save it") from exc
 
 
+def program_bytes(module: torch.nn.Module, *, example_args=None, example_kwargs=None) -> memoryview:
+    """The ``.pt2`` archive of ``module``, in memory (its report goes inside, as rewrite_report.json).
+    In memory first: torch's archive writer aborts the whole process when the disk is full."""
+    program = export(module, example_args, example_kwargs)
+    report = getattr(module, "report", None)
+    extra = {REPORT_FILE: json.dumps(report.to_dict() if hasattr(report, "to_dict") else report)} if report else {}
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files=extra)
+    return buffer.getbuffer()
+
+
 def save(module: torch.nn.Module, path: str | os.PathLike, *, example_args=None, example_kwargs=None) -> Path:
     """Save ``module`` as a ``.pt2`` file (its report goes inside, as rewrite_report.json)."""
     path = Path(path)
@@ -68,10 +142,7 @@ def save(module: torch.nn.Module, path: str | os.PathLike, *, example_args=None,
         raise CheckpointError(f"{path}: a rewritten module is saved as .pt2; give a file name ending in .pt2")
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: the folder {path.parent} does not exist")
-    program = export(module, example_args, example_kwargs)
-    report = getattr(module, "report", None)
-    extra = {REPORT_FILE: json.dumps(report.to_dict() if hasattr(report, "to_dict") else report)} if report else {}
-    return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+    return atomic_write({path: program_bytes(module, example_args=example_args, example_kwargs=example_kwargs)})[0]
 
 
 def _require_file(path: Path) -> None:
@@ -115,7 +186,8 @@ def _saved_report(path: Path, text: str | None) -> dict | None:
         report = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: its saved report ({REPORT_FILE}) is not valid JSON ({exc})") from exc
-    if not isinstance(report, dict) or not isinstance(report.get("passes"), list):
+    passes = report.get("passes") if isinstance(report, dict) else None
+    if not isinstance(passes, list) or not all(isinstance(p, dict) for p in passes):
         raise CheckpointError(f"{path}: its saved report ({REPORT_FILE}) is not a rewrite report (an object with 'passes')")
     return report
 
@@ -160,6 +232,10 @@ def load(path: str | os.PathLike) -> RewrittenModule:
     called, trained and switched between train/eval like the one saved."""
     program, report = load_program(path)
     args, kwargs = getattr(program, "example_inputs", None) or ((), {})
+    if args or kwargs:
+        mismatch = inputs_mismatch(program, args, kwargs)
+        if mismatch:
+            raise CheckpointError(f"{path}: its saved example inputs do not fit its program: {mismatch}; is the file corrupt?")
     module = program.module()
     # Dim.AUTO on the batch: saving the loaded module again keeps a dynamic batch dynamic (and a static one static).
     dynamic_shapes = batch_dynamic_shapes(module, args, kwargs) if args or kwargs else None
@@ -174,6 +250,45 @@ def load(path: str | os.PathLike) -> RewrittenModule:
         dynamic_shapes=dynamic_shapes,
     )
     return RewrittenModule(module, info)
+
+
+def inputs_mismatch(
+    program: torch.export.ExportedProgram | torch.fx.GraphModule, args: tuple, kwargs: dict
+) -> str | None:
+    """Why ``args``/``kwargs`` cannot be the inputs of ``program`` (or of the module loaded from
+    one): their structure, or a tensor's dtype, rank or a fixed size. None when they fit."""
+    if isinstance(program, torch.export.ExportedProgram):
+        in_spec = program.call_spec.in_spec
+        nodes = {n.name: n for n in program.graph.nodes}
+        placeholders = [nodes[name] for name in program.graph_signature.user_inputs]
+    else:
+        info = getattr(program.graph._codegen, "pytree_info", None)
+        in_spec = info.in_spec if info is not None else None
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    if in_spec is None:
+        return None
+    args_spec, kwargs_spec = in_spec.children() if hasattr(in_spec, "children") else in_spec.children_specs
+    expected_args = args_spec.num_children
+    expected_kwargs = list(kwargs_spec.context or [])
+    if len(args) != expected_args or sorted(kwargs) != sorted(expected_kwargs):
+        given = f"{len(args)} positional" + (f" and keywords {', '.join(sorted(kwargs))}" if kwargs else "")
+        wanted = f"{expected_args} positional" + (f" and keywords {', '.join(expected_kwargs)}" if expected_kwargs else "")
+        return f"{given} inputs given, the program takes {wanted}"
+    leaves, spec = pytree.tree_flatten((tuple(args), {k: kwargs[k] for k in expected_kwargs}))
+    if spec != in_spec:
+        return "the inputs are nested differently from the program's"
+    for i, (node, value) in enumerate(zip(placeholders, leaves)):
+        wanted = node.meta.get("val")
+        if isinstance(wanted, torch.Tensor):
+            fits = (
+                isinstance(value, torch.Tensor)
+                and value.dtype == wanted.dtype
+                and value.dim() == wanted.dim()
+                and all(not isinstance(w, int) or w == v for w, v in zip(wanted.shape, value.shape))
+            )
+            if not fits:
+                return f"input {node.name} is {describe_value(value) or type(value).__name__}, the program takes {describe_value(wanted)}"
+    return None
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -194,17 +309,21 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: unknown checkpoint type {path.suffix!r}; rewrite reads .pt2, {', '.join(STATE_DICT_SUFFIXES)}"
         )
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = str(exc)
-        if "Unsupported global" in text or ("WeightsUnpickler" in text and _holds_a_pickle(path)):
+        if _holds_a_pickle(path):
             raise CheckpointError(
                 f"{path}: holds pickled Python objects, which rewrite refuses to load (loading them runs "
                 "their code); save a state dict instead: torch.save(model.state_dict(), path), or use .safetensors"
             ) from exc
-        # Other errors (e.g. "Unsupported operand" on random bytes) mean the file is not a pickle at all.
+        # Not a pickle at all (random or truncated bytes); torch's text would suggest weights_only=False.
+        text = str(exc)
         unpickler = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
         first = unpickler.group(1) if unpickler else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+        if "weights_only" in first:
+            first = type(exc).__name__
         raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first}); is it corrupt?") from exc
     return _as_state_dict(path, state)
 
@@ -233,6 +352,8 @@ def _is_tensor_mapping(value) -> bool:
 
 
 def _as_state_dict(path: Path, state) -> dict[str, torch.Tensor]:
+    if isinstance(state, Mapping) and not state:
+        return {}  # as an empty .safetensors reads
     if _is_tensor_mapping(state):
         return dict(state)
     if isinstance(state, Mapping):

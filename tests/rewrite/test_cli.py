@@ -11,11 +11,15 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from rewrite import zoo
@@ -645,3 +649,216 @@ def test_inspect_kernels_of_a_state_dict_is_refused(files, tmp_path, capsys, nam
     source = _copy(files, name, tmp_path)
     _assert_refused(capsys, ["inspect", source, "--kernels"], tmp_path, mentions=[source, "--kernels", ".pt2"],
                     untouched=[source])
+
+
+# -- hostile and careless input (each of these printed a traceback or worse) ----------------------
+
+
+def test_output_that_is_a_folder(files, tmp_path, capsys):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    (tmp_path / "out.pt2").mkdir()
+    (tmp_path / "r.html").mkdir()
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"], tmp_path,
+                    mentions=["-o", "out.pt2", "folder"], untouched=[source])
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", tmp_path / "o.pt2", "--report", tmp_path / "r.html",
+                             "-q"], tmp_path, mentions=["--report", "folder"], untouched=[source])
+
+
+def test_output_that_cannot_be_written(files, tmp_path, capsys):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    # /proc refuses new files even to root; the check before the rewrite cannot see that, the write does.
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", "/proc/out.pt2", "-q"], tmp_path,
+                    mentions=["/proc/out.pt2", "cannot write"], untouched=[source])
+
+
+def test_full_disk_leaves_no_model_no_report_and_no_temporary_files(files, tmp_path, capsys, monkeypatch):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    old = tmp_path / "out.pt2"
+    old.write_bytes(b"the user's old model")
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", fsync)
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "-o", old, "--report", tmp_path / "r.html", "-q"],
+                    tmp_path, mentions=["No space left"], untouched=[source, old])
+
+
+@pytest.mark.parametrize(
+    "args,mentions",
+    [
+        (["--input-shape", "0,64"], ["--input-shape", "0,64", "at least 1"]),
+        (["--input-shape", "4,-64"], ["--input-shape", "4,-64"]),
+        (["--input-shape", "100000000,100000000"], ["--input-shape", "GiB"]),
+        (["--input-shape", "99999999999999999999999999,64"], ["--input-shape", "GiB"]),
+        (["--input-shape", "4,64", "--input-dtype", "int64", "--int-high", "0"], ["--int-high", "at least 1"]),
+        (["--input-shape", "4,64", "--input-dtype", "int32", "--int-high", "99999999999"], ["--int-high", "int32"]),
+    ],
+)
+def test_input_shapes_and_ranges_that_cannot_be(files, tmp_path, capsys, args, mentions):
+    source = _copy(files, "mlp.pt", tmp_path)
+    _assert_refused(capsys, ["run", source, "--model", "rewrite.zoo:mlp", *args, "-p", "approx_bp",
+                             "-o", tmp_path / "out.pt2", "-q"], tmp_path, mentions=mentions, untouched=[source])
+
+
+@pytest.mark.parametrize(
+    "module_text,model,mentions",
+    [
+        (None, ":mlp", [":mlp", "package.module:factory"]),
+        (None, "..x:mlp", ["..x:mlp", "package.module:factory"]),
+        (None, "some/file.py:mlp", ["package.module:factory"]),
+        ("def build(:\n", "cli_broken_syntax:build", ["cli_broken_syntax", "syntax error", "line 1"]),
+        ("raise RuntimeError('boom at import')\n", "cli_raises_on_import:build", ["cli_raises_on_import", "boom at import"]),
+    ],
+)
+def test_model_specs_that_cannot_be_imported(files, tmp_path, capsys, monkeypatch, module_text, model, mentions):
+    source = _copy(files, "mlp.pt", tmp_path)
+    if module_text is not None:
+        module_dir = tmp_path / "modules"
+        module_dir.mkdir()
+        (module_dir / f"{model.split(':')[0]}.py").write_text(module_text)
+        monkeypatch.syspath_prepend(str(module_dir))
+    _assert_refused(capsys, ["run", source, "--model", model, "--input-shape", "4,64", "-p", "approx_bp",
+                             "-o", tmp_path / "out.pt2", "-q"], tmp_path, mentions=mentions, untouched=[source])
+
+
+def test_input_shape_that_does_not_fit_the_saved_program(files, tmp_path, capsys):
+    source = _copy(files, "mlp.pt2", tmp_path)
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "--input-shape", "4,3", "-o", tmp_path / "out.pt2", "-q"],
+                    tmp_path, mentions=["--input-shape", "f32[4, 3]", "64"], untouched=[source])
+    _assert_refused(capsys, ["run", source, "-p", "approx_bp", "--input-shape", "4,64", "--input-shape", "4,64",
+                             "-o", tmp_path / "out.pt2", "-q"], tmp_path, mentions=["2 positional", "takes 1"],
+                    untouched=[source])
+
+
+def _with_parts(source: Path, out: Path, replace: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(out, "w") as rewritten:
+        for name in archive.namelist():
+            inner = name.split("/", 1)[1]
+            rewritten.writestr(name, replace.get(inner, archive.read(name)))
+    return out
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "sample,mentions",
+    [
+        (((torch.randn(4, 64), torch.randn(4, 64)), {}), ["2 positional", "takes 1"]),
+        (((), {"zzz": torch.randn(4, 64)}), ["zzz"]),
+        (((torch.randn(4, 3),), {}), ["f32[4, 3]"]),
+        ((("text",), {}), ["str"]),
+    ],
+    ids=["too many", "unknown keyword", "wrong shape", "not a tensor"],
+)
+def test_saved_example_inputs_that_do_not_fit_the_program(files, tmp_path, capsys, sample, mentions):
+    bad = _with_parts(files["folder"] / "mlp.pt2", tmp_path / "bad.pt2", {"data/sample_inputs/model.pt": _saved(sample)})
+    _assert_refused(capsys, ["run", bad, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"], tmp_path,
+                    mentions=[bad, "example inputs", *mentions], untouched=[bad])
+
+
+@pytest.mark.parametrize(
+    "report,mentions",
+    [
+        (b"{not json", ["not valid JSON"]),
+        (b"[1, 2]", ["not a rewrite report"]),
+        (b'{"model": "x"}', ["not a rewrite report"]),
+        (b'{"passes": [3]}', ["not a rewrite report"]),
+    ],
+)
+def test_saved_report_that_is_not_a_report(pt2_run, tmp_path, capsys, report, mentions):
+    bad = _with_parts(pt2_run["folder"] / "out.pt2", tmp_path / "bad.pt2", {"extra/rewrite_report.json": report})
+    for argv in (["inspect", bad], ["run", bad, "-p", "approx_bp", "-o", tmp_path / "out.pt2", "-q"]):
+        _assert_refused(capsys, argv, tmp_path, mentions=[bad, "rewrite_report.json", *mentions], untouched=[bad])
+
+
+def test_inspect_reads_a_report_with_odd_figures_without_failing(pt2_run, tmp_path, capsys):
+    report = {"passes": [{"spec": "approx_bp", "numerics": {"activation_bytes_before": "lots", "grad_rel_error": [1]}}]}
+    odd = _with_parts(pt2_run["folder"] / "out.pt2", tmp_path / "odd.pt2", {"extra/rewrite_report.json": json.dumps(report).encode()})
+    assert main(["inspect", str(odd)]) == 0
+    assert "approx_bp: 0 changed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_inspect_an_empty_state_dict(tmp_path, capsys, suffix):
+    path = tmp_path / f"empty{suffix}"
+    torch.save({}, path) if suffix == ".pt" else save_file({}, str(path))
+    assert main(["inspect", str(path)]) == 0
+    assert "0 tensors" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_raw_pickle_prints_the_error_alone(tmp_path, capfd):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps(WritesMarker(marker), protocol=4))
+    assert main(["inspect", str(path)]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # torch's protocol warning is not printed
+    assert "pickled Python objects" in err and "weights_only=False" not in err
+    assert not marker.exists()
+
+
+# -- fuzzing: whatever the arguments, an answer or one error line, never a traceback ---------------
+
+_SHAPES = st.one_of(st.sampled_from(["4,64", "0,64", "4x64", "-1", "", ",", "99999999999999999999,1", "4,64,"]),
+                    st.text(alphabet="0123456789,x- ", max_size=14))
+_SPECS = st.one_of(
+    st.sampled_from(["approx_bp", "remat", "approx_bp{norms=false}", "remat{budget=0.5}", "remat{budget=nan}",
+                     "remat{intervals=1000000}", "remat{budget=inf}", "approx_bp{gelu=1,gelu=0}", "{}", "remat{"]),
+    st.text(alphabet=st.sampled_from("abcdeprmtx_{}=,.0123456789 -"), max_size=24),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_inputs(files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    for name in ("mlp.pt", "mlp.pt2", "mlp.safetensors"):
+        _copy(files, name, folder)
+    (folder / "corrupt.pt2").write_bytes(_random_bytes(512))
+    (folder / "a_folder.pt2").mkdir()
+    return folder
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    command=st.sampled_from(["run", "inspect"]),
+    source=st.sampled_from(["mlp.pt", "mlp.pt2", "mlp.safetensors", "corrupt.pt2", "a_folder.pt2", "missing.pt"]),
+    specs=st.lists(_SPECS, max_size=2),
+    output=st.sampled_from(["out.pt2", "out.txt", "a_folder.pt2", "/proc/out.pt2", "", "nodir/out.pt2"]),
+    shapes=st.lists(_SHAPES, max_size=2),
+    dtype=st.sampled_from([None, "float32", "int64", "bool", "float8", ""]),
+    int_high=st.sampled_from([None, "0", "-3", "7", "99999999999999999999", "x"]),
+    model=st.sampled_from([None, "rewrite.zoo:mlp", ":mlp", "..x:mlp", "rewrite.zoo", "os:system", "a b:c"]),
+    extra=st.lists(st.sampled_from(["--no-verify", "--static-batch", "--mode", "eval", "--graph", "--kernels",
+                                    "--codegen", "on", "--report", "r.html", "--model-kwargs", "{"]), max_size=3),
+)
+def test_fuzzed_command_lines_never_give_a_traceback(fuzz_inputs, command, source, specs, output, shapes, dtype,
+                                                     int_high, model, extra):
+    work = Path(tempfile.mkdtemp(dir=fuzz_inputs))
+    argv = [command, str(fuzz_inputs / source)]
+    if command == "run":
+        argv += [a for spec in specs for a in ("-p", spec)]
+        argv += ["-o", str(work / output) if output and not output.startswith("/") else output]
+        argv += [a for shape in shapes for a in ("--input-shape", shape)]
+        argv += ["--input-dtype", dtype] if dtype is not None else []
+        argv += ["--int-high", int_high] if int_high is not None else []
+        argv += ["--model", model] if model else []
+    argv += [str(work / a) if a == "r.html" else a for a in extra] + ["-q"] * (command == "run")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exit:  # argparse's own usage errors
+            rc = exit.code
+    text = err.getvalue()
+    assert rc in (0, 2), (argv, text)
+    assert "Traceback" not in text, (argv, text)
+    if rc == 2:
+        assert any(line.startswith("error: ") or ": error: " in line for line in text.splitlines()), (argv, text)
