@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rewrite.capture import capture
+from rewrite.capture import capture, in_mode
 from rewrite.module import RewriteInfo, RewrittenModule, structure_only
 from rewrite.pass_infra import Pass, PassContext, resolve_passes
 from rewrite.pass_manager import PassManager
 from rewrite.regions import CompileRegions, marked_regions
 from rewrite.report import Report
+from rewrite.verify import saved_by_model
 
 
 def _stderr_progress(message: str) -> None:
@@ -40,10 +41,15 @@ def optimize(
                     (``example_kwargs`` for keyword inputs); used to capture the graph and to
                     check each pass's numerics.
     mode:           "train" or "eval": the mode the graph is captured in (default: the
-                    model's). The result switches dropout/batch norm with .train()/.eval().
+                    model's). The result switches dropout/batch norm with .train()/.eval();
+                    where the model's Python branches on self.training so that the other
+                    mode's graph differs, the switch raises RewriteError (the report's notes
+                    say where): optimize again with the other mode for that.
     dynamic_batch:  keep dim 0 of the inputs dynamic where torch.export can.
     verify:         run before/after graphs on the example inputs after every pass: an exact
-                    pass must match to float rounding; an approximate one reports its error.
+                    pass must match to float rounding; an approximate one reports its error;
+                    a gradient check that could test nothing of a pass says so. Also measures
+                    the activation memory the model itself saves, for the report.
     progress:       True prints progress to stderr; a callable receives each message.
     codegen:        fuse the regions passes marked into ops that run Triton kernels emitted
                     for them (see ``rewrite.regions``); default: on when CUDA is available.
@@ -58,6 +64,10 @@ def optimize(
         report_progress(f"capturing {type(model).__name__}")
     captured = capture(model, example_inputs, example_kwargs, mode=mode, dynamic_batch=dynamic_batch)
     ctx = PassContext(captured.example_args, captured.example_kwargs, captured.mode)
+    eager_bytes = None
+    if verify:  # the graphs' figures come from the check; this one is what the user's model saves
+        with in_mode(model, captured.mode == "train"):
+            eager_bytes = saved_by_model(model, captured.example_args, captured.example_kwargs).total_bytes
     final, pass_reports = PassManager(resolved, verify=verify, progress=report_progress).run(
         captured.graph_module, ctx
     )
@@ -83,6 +93,8 @@ def optimize(
         dynamic_inputs=captured.dynamic_inputs,
         notes=captured.notes,
         passes=pass_reports,
+        eager_activation_bytes=eager_bytes,
+        fixed_mode=captured.fixed_mode,
     )
     info = RewriteInfo(
         model_name=model_name,

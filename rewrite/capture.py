@@ -2,9 +2,12 @@
 
 Non-strict export runs the model's Python as written, so anything the model does with
 Python values is fixed at capture (branches on ``self.training`` included); the mode asked
-for is the one recorded. The batch dimension (dim 0 of every tensor input) is captured as
-dynamic where torch.export can keep it so (``torch.export.Dim.AUTO``), so the returned
-module takes other batch sizes too.
+for is the one recorded. When the model has code that reads ``.training`` (other than
+dropout and batch norm, whose mode the graph records as flags), it is captured in the other
+mode too: if that graph differs beyond those flags, ``Capture.fixed_mode`` says where, and
+the rewritten module refuses to switch. The batch dimension (dim 0 of every tensor input)
+is captured as dynamic where torch.export can keep it so (``torch.export.Dim.AUTO``), so the
+returned module takes other batch sizes too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import io
 import logging
 import os
 import traceback
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +27,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from rewrite.errors import CaptureError
+from rewrite.errors import CaptureError, RewriteError
+from rewrite.module import first_mode_difference
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIR = os.path.dirname(os.path.abspath(__file__))  # this package only: the user's code may sit beside it
@@ -43,6 +48,7 @@ class Capture:
     dynamic_inputs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    fixed_mode: str | None = None  # how the other mode's graph differs (None: only in what set_graph_mode switches)
 
 
 def normalize_inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -148,6 +154,75 @@ def export_failure(exc: BaseException, what: str) -> CaptureError:
     return CaptureError(f"{what}: {_short_message(exc)}" + (f" (at {where})" if where else "") + f". {_hint(exc)}")
 
 
+@contextlib.contextmanager
+def in_mode(model: torch.nn.Module, training: bool):
+    """``model`` in train or eval mode inside the block; every module's flag as it was after."""
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.train(training)
+        yield
+    finally:
+        # Modules that do more in train() than set the flag (a RewrittenModule flips the flags
+        # in its graph) get train() called again; then every flag is set back as it was.
+        for m, flag in was_training.items():
+            if type(m).train is not torch.nn.Module.train:
+                m.train(flag)
+        for m, flag in was_training.items():
+            m.training = flag
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes, training: bool) -> fx.GraphModule:
+    with in_mode(model, training), quiet():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
+
+
+# Classes whose use of .training is no Python branch on the mode: nn.Module's train() and
+# GraphModule's copy of the flag; dropout and batch norm, whose mode the graph records as
+# flags that set_graph_mode switches.
+_NO_MODE_BRANCH = {torch.nn.Module, object, fx.GraphModule}
+_MODE_AS_FLAGS = ("torch.nn.modules.dropout", "torch.nn.modules.batchnorm")
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Attribute and global names a function's code uses, its nested functions' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _reads_mode(cls: type) -> bool:
+    """Whether code of ``cls`` or of its base classes uses ``.training``, beyond what the graph
+    records as flags: a Python branch on the mode, which capture fixes."""
+    for klass in cls.__mro__:
+        if klass in _NO_MODE_BRANCH or klass.__module__ in _MODE_AS_FLAGS:
+            continue
+        for value in vars(klass).values():
+            function = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            code = getattr(function, "__code__", None)
+            if code is not None and "training" in _names(code):
+                return True
+    return False
+
+
+def _other_mode_difference(
+    model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes, mode: str, graph_module: fx.GraphModule
+) -> str | None:
+    """How the graph of the other mode differs from ``graph_module`` beyond the train/eval
+    flags, or None. Only models with code that reads the mode are captured again (it costs a
+    second export)."""
+    if not any(_reads_mode(cls) for cls in {type(m) for m in model.modules()}):
+        return None
+    other = "eval" if mode == "train" else "train"
+    try:
+        other_graph = _export(model, args, kwargs, dynamic_shapes, other == "train")
+    except Exception as exc:  # noqa: BLE001 - a mode the model cannot be captured in cannot be switched to
+        return f"it cannot be captured in {other} mode ({_short_message(exc)})"
+    where = first_mode_difference(graph_module, other_graph, other == "train")
+    return f"in {other} mode its Python computes another graph (first difference {where})" if where else None
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs,
@@ -170,23 +245,20 @@ def capture(
     dynamic_shapes = batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     notes = []
 
-    was_training = {m: m.training for m in model.modules()}
     start = time.perf_counter()
     try:
-        model.train(mode == "train")
-        with quiet():
-            exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-            graph_module = exported.module()
+        graph_module = _export(model, args, kwargs, dynamic_shapes, mode == "train")
+    except RewriteError:
+        raise
     except Exception as exc:
         raise export_failure(exc, f"cannot capture {type(model).__name__}") from exc
-    finally:
-        # Modules that do more in train() than set the flag (a RewrittenModule flips the flags
-        # in its graph) get train() called again; then every flag is set back as it was.
-        for m, training in was_training.items():
-            if type(m).train is not torch.nn.Module.train:
-                m.train(training)
-        for m, training in was_training.items():
-            m.training = training
+    fixed_mode = _other_mode_difference(model, args, kwargs, dynamic_shapes, mode, graph_module)
+    if fixed_mode:
+        other = "eval" if mode == "train" else "train"
+        notes.append(
+            f"{fixed_mode}: the result stays in {mode} mode (.{other}() raises); "
+            f"optimize(model, ..., mode={other!r}) rewrites it in {other} mode"
+        )
 
     dynamic_inputs = []
     for node in graph_module.graph.find_nodes(op="placeholder"):
@@ -210,4 +282,5 @@ def capture(
         dynamic_inputs=dynamic_inputs,
         notes=notes,
         seconds=time.perf_counter() - start,
+        fixed_mode=fixed_mode,
     )

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from rewrite.diff import diff_rows
-from rewrite.report import PassReport, Report, format_bytes
+from rewrite.report import PassReport, Report, format_bytes, gradient_notes
 from rewrite.serialize import atomic_write
 
 _CSS = """
@@ -25,6 +25,7 @@ h2 { margin: 0 0 10px; font-size: 18px; }
 h3 { margin: 18px 0 8px; font-size: 15px; }
 .badge { display: inline-block; font-size: 12px; padding: 1px 8px; border-radius: 10px; background: #e6ecf7; color: #2c4a80; margin-left: 6px; vertical-align: middle; }
 .badge.approx { background: #fbeedd; color: #8a4b08; }
+.badge.untested { background: #fbd3cf; color: #b42318; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }
 .card { border: 1px solid #dde1e8; border-radius: 6px; padding: 8px 14px; min-width: 170px; }
 .card .k { font-size: 12px; color: #5b6478; }
@@ -170,25 +171,42 @@ def _memory_curve(p: PassReport) -> str:
     )
 
 
-def _cards(p: PassReport) -> str:
+def _memory_cards(label: str, before: int, after: int) -> list[tuple[str, str, str]]:
+    change = (after - before) / before if before else 0.0
+    return [
+        (f"saved for backward{label}", f"{format_bytes(before)} → {format_bytes(after)}", ""),
+        (f"activation memory{label}", f"{change:+.1%}", "good" if change < 0 else ("bad" if change > 0 else "")),
+    ]
+
+
+def _cards(p: PassReport, eager_bytes: int | None) -> str:
     cards = [("changed", str(len(p.changes)), ""), ("left alone", str(len(p.skipped)), "")]
     if p.activation_bytes is not None:
         b, a = p.activation_bytes
-        change = (a - b) / b if b else 0.0
-        cards.append(("saved for backward", f"{format_bytes(b)} → {format_bytes(a)}", ""))
-        cards.append(("activation memory", f"{change:+.1%}", "good" if change < 0 else ("bad" if change > 0 else "")))
+        cards += _memory_cards("", b, a)
+        if eager_bytes is not None:
+            cards += _memory_cards(" (against the eager model)", eager_bytes, a)
     n = p.numerics
     if n is not None and n.outputs:
         worst = n.worst(n.outputs)
         cards.append(("output error (relative)", f"{worst.rel:.2g}", "good" if n.forward_within_rounding else "bad"))
-    if n is not None and n.grad_rel_error is not None:
+    if n is not None and n.grad_untested:
+        cards.append(("gradient check", "tested nothing", "bad"))
+    elif n is not None and n.grad_rel_error is not None:
         cls = "good" if n.backward_within_rounding else ""
         cards.append(("gradient error (relative)", f"{n.grad_rel_error:.3g}", cls))
         cards.append(("gradient cosine", f"{n.grad_cosine:.5f}", cls))
+    if n is not None and n.zero_grads:
+        cards.append(("gradients zero in both graphs", f"{len(n.zero_grads)} of {len(n.grads)}", ""))
     cards.append(("time", f"{p.seconds:.2f} s", ""))
+    lines = []
+    if n is not None:
+        if n.grad_untested:
+            lines.append(f"<p class='bad'>The gradient check tested nothing of this pass: {_e(n.grad_untested)}.</p>")
+        lines += [f"<p class='muted'>{_e(note)}</p>" for note in gradient_notes(n)]
     return "<div class='cards'>" + "".join(
         f"<div class='card'><div class='k'>{_e(k)}</div><div class='v {c}'>{_e(v)}</div></div>" for k, v, c in cards
-    ) + "</div>"
+    ) + "</div>" + "".join(lines)
 
 
 def _changes_table(p: PassReport) -> str:
@@ -290,8 +308,9 @@ def _kernels_section(p: PassReport) -> str:
     )
 
 
-def _pass_section(p: PassReport) -> str:
+def _pass_section(p: PassReport, eager_bytes: int | None) -> str:
     approx = "" if p.exact_forward and p.exact_backward else " approx"
+    untested = "<span class='badge untested'>gradients not tested</span>" if p.grad_untested else ""
     chart_rows = _chart_rows(p)
     chart = ""
     if chart_rows is not None:
@@ -303,8 +322,8 @@ def _pass_section(p: PassReport) -> str:
             + memory_chart_svg(chart_rows)
         )
     return (
-        f"<section><h2>pass <code>{_e(p.spec)}</code><span class='badge{approx}'>{_e(p.kind())}</span></h2>"
-        + _cards(p)
+        f"<section><h2>pass <code>{_e(p.spec)}</code><span class='badge{approx}'>{_e(p.kind())}</span>{untested}</h2>"
+        + _cards(p, eager_bytes)
         + _memory_curve(p)
         + chart
         + _changes_table(p)
@@ -323,7 +342,7 @@ def render_html(report: Report) -> str:
         f"<title>rewrite report: {_e(report.model)}</title><style>{_CSS}</style></head><body>"
         f"<header><h1>rewrite report: {_e(report.model)}</h1>"
         f"<p>captured in {_e(report.mode)} mode in {report.capture_seconds:.2f} s · dynamic batch: {_e(dynamic)} · {_e(summary)}</p></header>"
-        f"<main>{notes}{''.join(_pass_section(p) for p in report.passes)}</main></body></html>"
+        f"<main>{notes}{''.join(_pass_section(p, report.eager_activation_bytes) for p in report.passes)}</main></body></html>"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,13 +104,18 @@ def record_saved(module: torch.nn.Module):
 
 
 class _AttributingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, recorder: _SavedRecorder):
+    def __init__(self, gm: fx.GraphModule, recorder: _SavedRecorder, keep: Collection[str]):
         super().__init__(gm)
         self.recorder = recorder
+        self.keep = keep
+        self.kept: dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         self.recorder.source = n.name
-        return super().run_node(n)
+        value = super().run_node(n)
+        if n.name in self.keep:
+            self.kept[n.name] = value
+        return value
 
 
 def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -121,8 +127,12 @@ def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec)
 
 
-def run_recording_saved(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[Any, SavedActivations]:
-    """Run ``gm`` once, attributing every storage autograd saves to the node that saved it."""
+def run_recording_saved(
+    gm: fx.GraphModule, args: tuple, kwargs: dict, keep: Collection[str] = ()
+) -> tuple[Any, SavedActivations, dict[str, Any]]:
+    """Run ``gm`` once, attributing every storage autograd saves to the node that saved it;
+    also returns the values of the nodes named in ``keep``."""
     with _recording(gm) as recorder:
-        out = _AttributingInterpreter(gm, recorder).run(*flatten_inputs(gm, args, kwargs))
-    return gm.graph._codegen.process_outputs(out), recorder.result
+        interpreter = _AttributingInterpreter(gm, recorder, keep)
+        out = interpreter.run(*flatten_inputs(gm, args, kwargs))
+    return gm.graph._codegen.process_outputs(out), recorder.result, interpreter.kept

@@ -4,6 +4,7 @@ trains, switches between train and eval, and carries ``before``, ``after`` and `
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from rewrite.graph import attr_owner
+from rewrite.errors import RewriteError
+from rewrite.graph import attr_owner, module_path
 
 aten = torch.ops.aten
 
@@ -106,21 +108,76 @@ def set_graph_mode(gm: fx.GraphModule, training: bool) -> bool:
     return changed
 
 
+def first_mode_difference(captured: fx.GraphModule, other: fx.GraphModule, training: bool) -> str | None:
+    """Where the graph ``captured`` in one mode, switched by ``set_graph_mode`` to ``training``,
+    first differs from the graph ``other`` captured in that mode; None where they compute alike."""
+    pairs = itertools.zip_longest(
+        _switched_form(captured.graph, training), _switched_form(other.graph, training), fillvalue=(None, None)
+    )
+    for (node, form), (other_node, other_form) in pairs:
+        if form == other_form:
+            continue
+        if node is None:
+            return f"the other mode's graph goes on with node {_describe(other_node)}"
+        if other_node is None or other_node.name == node.name:
+            return f"at node {_describe(node)}"
+        return f"at node {_describe(node)}, where the other mode's graph has {other_node.name}"
+    return None
+
+
+def _describe(node: fx.Node) -> str:
+    return f"{node.name} in {module_path(node) or 'the top-level module'}"
+
+
+def _switched_form(graph: fx.Graph, training: bool) -> list[tuple[fx.Node, str]]:
+    """Each node with its op, target and arguments as text (nodes given by position) as
+    ``set_graph_mode(training)`` would make it, leaving out the batch counter increments (absent
+    from an eval graph) and the probability of a dropout that is off (the identity whatever it is).
+    Sizes are written into the nodes that use them: where torch.export puts them varies."""
+    flags = dict(_mode_flags(graph))
+    texts: dict[fx.Node, str] = {}
+    form = []
+    for node in graph.nodes:
+        if _is_batch_counter_increment(node):
+            continue
+        args = list(node.args)
+        if node in flags:
+            args[flags[node]] = training
+            if node.target is not aten.batch_norm.default and not training:
+                args[1] = None
+        text = repr((node.op, node.target, fx.node.map_arg((tuple(args), node.kwargs), texts.__getitem__)))
+        if isinstance(node.meta.get("val"), torch.SymInt):
+            texts[node] = text
+        else:
+            texts[node] = f"%{len(form)}"
+            form.append((node, text))
+    return form
+
+
 @dataclass
 class RewriteInfo:
     model_name: str  # the user's model class
     mode: str  # "train" or "eval": the mode it was captured in
     before: fx.GraphModule | None
-    report: Any
+    report: Any  # a Report, or its dict when loaded from a file
     example_args: tuple
     example_kwargs: dict
     dynamic_shapes: Any
 
+    @property
+    def fixed_mode(self) -> str | None:
+        """Why the module cannot switch to the other mode (None: it can). Kept in the report,
+        so that a module loaded from a file keeps it too."""
+        if isinstance(self.report, dict):
+            return self.report.get("fixed_mode")
+        return getattr(self.report, "fixed_mode", None)
+
 
 class RewrittenModule(fx.GraphModule):
     """A rewritten model. Call it like the original; ``.train()`` / ``.eval()`` switch the
-    mode-dependent ops torch.export recorded (dropout, batch norm); branches of the model's
-    Python on ``self.training`` were fixed when it was captured.
+    mode-dependent ops torch.export recorded (dropout, batch norm). Branches of the model's
+    Python on ``self.training`` were fixed when it was captured: where they make the other
+    mode's graph differ, switching to it raises ``RewriteError``.
 
     ``before``: the captured graph (for inspection: its tensors are meta tensors); ``after``:
     this graph; ``report``: what the passes did.
@@ -174,5 +231,13 @@ class RewrittenModule(fx.GraphModule):
         return super().__call__(*args, **kwargs)
 
     def train(self, mode: bool = True):
+        info = self.rewrite_info
+        wanted = "train" if mode else "eval"
+        if wanted != info.mode and info.fixed_mode:
+            raise RewriteError(
+                f"cannot switch the rewritten {info.model_name} to {wanted} mode: it was captured in {info.mode} mode, "
+                f"and {info.fixed_mode}, which switching its dropout and batch norm cannot give. "
+                f"Rewrite the model in {wanted} mode for that: optimize(model, ..., mode={wanted!r})"
+            )
         set_graph_mode(self, mode)
         return super().train(mode)

@@ -25,6 +25,16 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def format_change(before: float, after: float) -> str:
+    """'before -> after (+x.x%)' of two byte counts."""
+    change = f" ({(after - before) / before:+.1%})" if before else ""
+    return f"{format_bytes(before)} -> {format_bytes(after)}{change}"
+
+
+def some_names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 @dataclass
 class PassReport:
     name: str
@@ -86,13 +96,24 @@ class PassReport:
                 "grad_cosine": _finite(n.grad_cosine),
                 "outputs": [{"name": e.name, "rel": _finite(e.rel), "max_abs": _finite(e.max_abs)} for e in n.outputs],
                 "grads": [{"name": e.name, "rel": _finite(e.rel), "max_abs": _finite(e.max_abs)} for e in n.grads],
+                "grads_zero_in_both": n.zero_grads,
+                "changed_inputs": n.changed_inputs,
+                "probes": n.probes,
+                "grad_untested": n.grad_untested,
             }
             if self.activation_bytes is not None:
                 out["numerics"]["activation_bytes_before"], out["numerics"]["activation_bytes_after"] = self.activation_bytes
         return out
 
-    def text(self) -> str:
-        lines = [f"pass {self.spec}: {self.kind()}, {self.seconds:.2f} s"]
+    @property
+    def grad_untested(self) -> str | None:
+        """Why the gradient check tested nothing of this pass (None: it tested something, or did not run)."""
+        return self.numerics.grad_untested if self.numerics is not None else None
+
+    def text(self, eager_bytes: int | None = None) -> str:
+        """The pass as text; ``eager_bytes``: activation memory of the user's eager model, shown beside the graph's."""
+        untested = ", gradients NOT TESTED" if self.grad_untested else ""
+        lines = [f"pass {self.spec}: {self.kind()}{untested}, {self.seconds:.2f} s"]
         if self.changes:
             lines.append(f"  changed {len(self.changes)}:")
             width = max(len(c.node) for c in self.changes)
@@ -111,20 +132,37 @@ class PassReport:
             lines.append(f"  {key.replace('_', ' ')}: {value}")
         if self.activation_bytes is not None:
             b, a = self.activation_bytes
-            change = f" ({(a - b) / b:+.1%})" if b else ""
-            lines.append(f"  activation memory saved for backward: {format_bytes(b)} -> {format_bytes(a)}{change}")
+            lines.append(f"  activation memory saved for backward: {format_change(b, a)}")
+            if eager_bytes is not None:
+                lines.append(f"    against the eager model: {format_change(eager_bytes, a)}")
         n = self.numerics
         if n is not None:
             if n.outputs:
                 worst = n.worst(n.outputs)
                 verdict = "within float rounding" if n.forward_within_rounding else "CHANGED"
                 lines.append(f"  outputs: relative error {worst.rel:.2g} ({verdict})")
-            if n.grad_rel_error is not None:
+            if n.grad_untested:
+                lines.append(f"  gradients: NOT TESTED for this pass: {n.grad_untested}")
+            elif n.grad_rel_error is not None:
                 verdict = "within float rounding" if n.backward_within_rounding else "approximate gradients"
                 lines.append(
                     f"  gradients: relative error {n.grad_rel_error:.3g}, cosine {n.grad_cosine:.5f} ({verdict})"
                 )
+            lines += [f"    {line}" for line in gradient_notes(n)]
         return "\n".join(lines)
+
+
+def gradient_notes(n: Numerics) -> list[str]:
+    """What the gradient check compared beyond the outputs' gradients, and what it could not see."""
+    notes = []
+    if n.probes:
+        notes.append(
+            "the outputs' gradients are zero at every input of the changed nodes, so the values those nodes "
+            f"feed were projected into the loss too: {some_names(n.probes)}"
+        )
+    if n.zero_grads:
+        notes.append(f"zero in both graphs: {len(n.zero_grads)} of {len(n.grads)} gradients ({some_names(n.zero_grads)})")
+    return notes
 
 
 def _finite(x: float | None) -> float | str | None:
@@ -141,6 +179,8 @@ class Report:
     dynamic_inputs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     passes: list[PassReport] = field(default_factory=list)
+    eager_activation_bytes: int | None = None  # saved for backward by the user's model itself, on the example inputs
+    fixed_mode: str | None = None  # why the result cannot switch to the other mode (None: it can)
 
     def __getitem__(self, name: str) -> PassReport:
         for p in self.passes:
@@ -161,6 +201,8 @@ class Report:
             "capture_seconds": round(self.capture_seconds, 4),
             "dynamic_inputs": self.dynamic_inputs,
             "notes": self.notes,
+            "activation_bytes_eager": self.eager_activation_bytes,
+            "fixed_mode": self.fixed_mode,
             "passes": [p.to_dict() for p in self.passes],
         }
 
@@ -168,6 +210,6 @@ class Report:
         dynamic = ", ".join(self.dynamic_inputs) or "none"
         lines = [f"{self.model} captured in {self.mode} mode ({self.capture_seconds:.2f} s); dynamic batch: {dynamic}"]
         lines += [f"  note: {note}" for note in self.notes]
-        lines += [p.text() for p in self.passes]
+        lines += [p.text(self.eager_activation_bytes) for p in self.passes]
         return "\n".join(lines)
 

@@ -77,7 +77,7 @@ def chain_capture():
 def test_run_recording_saved_attributes_bytes_to_the_node_that_saved_first(chain_capture, batch):
     model, captured = chain_capture
     x = torch.randn(batch, 8)
-    out, saved = run_recording_saved(captured.graph_module, (x,), {})
+    out, saved, _ = run_recording_saved(captured.graph_module, (x,), {})
     torch.testing.assert_close(out, model(x))
     row = batch * 16 * F32
     assert saved.by_source == {"linear": batch * 8 * F32, "sin": row, "mul": row, "tanh": row}
@@ -95,7 +95,7 @@ def test_run_recording_saved_with_keyword_inputs():
     x = torch.randn(2, 4, requires_grad=True)
     mask = torch.rand(2, 4)
     assert len(flatten_inputs(captured.graph_module, (x,), {"mask": mask})) == 2
-    out, saved = run_recording_saved(captured.graph_module, (x,), {"mask": mask})
+    out, saved, _ = run_recording_saved(captured.graph_module, (x,), {"mask": mask})
     torch.testing.assert_close(out, torch.exp(x) * mask)
     # exp saves its output; mul saves the mask (for exp's gradient) and exp's output (already counted)
     assert saved.by_source == {"exp": 2 * 4 * F32, "mul": 2 * 4 * F32}
@@ -114,7 +114,7 @@ class Grouped(nn.Module):
 def test_by_module_groups_bytes_by_module_path_in_graph_order():
     captured = capture(Grouped(), (torch.randn(3, 8),))
     gm = captured.graph_module
-    _, saved = run_recording_saved(gm, (torch.randn(5, 8),), {})
+    _, saved, _ = run_recording_saved(gm, (torch.randn(5, 8),), {})
     grouped = saved.by_module(gm.graph)
     # b saves tanh's output, which tanh already saved: b gets nothing
     assert grouped == {"a.0": 5 * 8 * F32, "a.1": 5 * 16 * F32, "(top)": 5 * 4 * F32}
@@ -137,7 +137,7 @@ def test_by_module_sums_several_nodes_of_one_module():
 
     captured = capture(TwoOps(), (torch.randn(3, 4, requires_grad=True),))
     gm = captured.graph_module
-    _, saved = run_recording_saved(gm, (torch.randn(3, 4, requires_grad=True),), {})
+    _, saved, _ = run_recording_saved(gm, (torch.randn(3, 4, requires_grad=True),), {})
     assert saved.by_source == {"exp": 3 * 4 * F32, "sin": 3 * 4 * F32}
     assert saved.by_module(gm.graph) == {"inner": saved.total_bytes}
     assert SavedActivations().by_module(gm.graph) == {}
@@ -147,7 +147,7 @@ def test_run_recording_saved_on_a_traced_graph_without_an_input_spec():
     model = Chain()
     gm = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 8)
-    out, saved = run_recording_saved(gm, (x,), {})
+    out, saved, _ = run_recording_saved(gm, (x,), {})
     torch.testing.assert_close(out, model(x))
     # the linear is one call_module node here, named after the module
     assert saved.by_source == {"lin": 2 * 8 * F32, "sin": 2 * 16 * F32, "mul": 2 * 16 * F32, "tanh": 2 * 16 * F32}

@@ -247,6 +247,80 @@ def test_the_mode_argument_overrides_the_models_mode():
     assert len(m.report) == 0
 
 
+class DropPath(nn.Module):
+    """Stochastic depth as EfficientNet and Swin write it: a Python branch on the mode."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.training and self.p > 0:
+            keep = (torch.rand(x.shape[0], 1) >= self.p).to(x.dtype)
+            return x * keep / (1 - self.p)
+        return x
+
+
+class ResidualDropPath(nn.Module):
+    """x + DropPath(Linear -> GELU -> Dropout -> BatchNorm -> Linear)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.3)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 16)
+        self.drop_path = DropPath(p)
+
+    def forward(self, x):
+        return x + self.drop_path(self.fc2(self.bn(self.drop(self.act(self.fc1(x))))))
+
+
+def test_a_switch_a_python_branch_on_the_mode_would_make_wrong_is_refused():
+    x = _inputs()[0]
+    # p = 0: both modes give one graph, up to dropout and batch norm, which switch as ever
+    model = ResidualDropPath(0.0).train()
+    m = optimize(model, ["approx_bp"], (x,))
+    assert m.report.fixed_mode is None and m.report.notes == []
+    assert m.eval() is m and _mode_flags(m) == {"dropout": [False], "batch_norm": [False]}
+    torch.testing.assert_close(m(x), model.eval()(x))
+
+    model = ResidualDropPath(0.2).train()
+    m = optimize(model, ["approx_bp"], (x,))
+    assert m.report.fixed_mode == (
+        "in eval mode its Python computes another graph "
+        "(first difference at node rand in drop_path, where the other mode's graph has add)"
+    )
+    assert m.report.notes == [
+        m.report.fixed_mode + ": the result stays in train mode (.eval() raises); "
+        "optimize(model, ..., mode='eval') rewrites it in eval mode"
+    ]
+    assert m.report.to_dict()["fixed_mode"] == m.report.fixed_mode
+    assert m.train() is m and m.training  # the mode it was captured in: nothing to switch
+    with pytest.raises(rewrite.RewriteError) as info:
+        m.eval()
+    assert str(info.value) == (
+        "cannot switch the rewritten ResidualDropPath to eval mode: it was captured in train mode, and "
+        f"{m.report.fixed_mode}, which switching its dropout and batch norm cannot give. "
+        "Rewrite the model in eval mode for that: optimize(model, ..., mode='eval')"
+    )
+    assert m.training and _mode_flags(m) == {"dropout": [True], "batch_norm": [True]}
+
+    evaluated = optimize(model, ["approx_bp"], (x,), mode="eval")  # the way out the message names
+    torch.testing.assert_close(evaluated(x), model.eval()(x))
+    with pytest.raises(rewrite.RewriteError, match="^cannot switch the rewritten ResidualDropPath to train mode: "):
+        evaluated.train()
+
+
+def test_a_refused_switch_stays_refused_after_save_and_load(tmp_path):
+    m = optimize(ResidualDropPath(0.2).train(), ["approx_bp"], (_inputs()[0],))
+    rewrite.save(m, tmp_path / "m.pt2")
+    loaded = rewrite.load(tmp_path / "m.pt2")
+    with pytest.raises(rewrite.RewriteError, match="drop_path"):
+        loaded.eval()
+
+
 # -- how passes are given ------------------------------------------------------------------
 
 
