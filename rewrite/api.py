@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rewrite.capture import capture, in_mode
+from rewrite.capture import capture, in_mode, model_failure
 from rewrite.module import RewriteInfo, RewrittenModule, structure_only
 from rewrite.pass_infra import Pass, PassContext, resolve_passes
 from rewrite.pass_manager import PassManager
@@ -66,8 +66,11 @@ def optimize(
     ctx = PassContext(captured.example_args, captured.example_kwargs, captured.mode)
     eager_bytes = None
     if verify:  # the graphs' figures come from the check; this one is what the user's model saves
-        with in_mode(model, captured.mode == "train"):
-            eager_bytes = saved_by_model(model, captured.example_args, captured.example_kwargs).total_bytes
+        try:
+            with in_mode(model, captured.mode == "train"):
+                eager_bytes = saved_by_model(model, captured.example_args, captured.example_kwargs).total_bytes
+        except Exception as exc:  # torch.export traced what the model cannot run (e.g. mixed dtypes)
+            raise model_failure(model, exc, captured.example_args, captured.example_kwargs) from exc
     final, pass_reports = PassManager(resolved, verify=verify, progress=report_progress).run(
         captured.graph_module, ctx
     )

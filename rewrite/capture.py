@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.errors import CaptureError, RewriteError
+from rewrite.graph import describe_value
 from rewrite.module import first_mode_difference
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -171,6 +172,32 @@ def in_mode(model: torch.nn.Module, training: bool):
             m.training = flag
 
 
+def model_failure(model: torch.nn.Module, exc: BaseException, args: tuple, kwargs: dict) -> CaptureError:
+    """The error for a model that fails on its example inputs when it runs as it is."""
+    inputs = ", ".join(describe_value(t) or type(t).__name__ for t in pytree.tree_leaves((args, kwargs)))
+    where = user_frame(exc)
+    return CaptureError(
+        f"{type(model).__name__} itself fails on the example inputs ({inputs}): {type(exc).__name__}: "
+        f"{_short_message(exc)}" + (f" (at {where})" if where else "") + "; give inputs the model accepts (shape and dtype)"
+    )
+
+
+def _eager_failure(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -> Exception | None:
+    """What the model raises when called on the inputs as it is (None: it runs); its buffers and
+    the random state are left as they were."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with in_mode(model, training), torch.no_grad(), torch.random.fork_rng(), quiet():
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is what we report
+        return exc
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+    return None
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes, training: bool) -> fx.GraphModule:
     with in_mode(model, training), quiet():
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
@@ -251,6 +278,9 @@ def capture(
     except RewriteError:
         raise
     except Exception as exc:
+        own = _eager_failure(model, args, kwargs, mode == "train")
+        if own is not None:  # not torch.export's doing: the model itself cannot take these inputs
+            raise model_failure(model, own, args, kwargs) from own
         raise export_failure(exc, f"cannot capture {type(model).__name__}") from exc
     fixed_mode = _other_mode_difference(model, args, kwargs, dynamic_shapes, mode, graph_module)
     if fixed_mode:

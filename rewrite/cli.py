@@ -315,7 +315,14 @@ def _inspect_program(path: Path, show_graph: bool, show_kernels: bool = False) -
                 line += f"; saved for backward {format_bytes(before)} -> {format_bytes(after)}"
             if _is_number(numerics.get("grad_rel_error")):
                 line += f"; gradient error {numerics['grad_rel_error']:.3g}"
+            if isinstance(numerics.get("grad_untested"), str):
+                line += f"; gradients NOT TESTED ({numerics['grad_untested']})"
             print(line)
+        eager = report.get("activation_bytes_eager")
+        if _is_number(eager):
+            print(f"  {report.get('model', '?')} run eagerly saves {format_bytes(eager)} for backward")
+        if isinstance(report.get("fixed_mode"), str):
+            print(f"  stays in {report.get('mode', '?')} mode: {report['fixed_mode']}")
     if show_graph:
         print("\n".join(graph_lines(program.module())))
     if show_kernels:

@@ -693,6 +693,10 @@ def test_full_disk_leaves_no_model_no_report_and_no_temporary_files(files, tmp_p
         (["--input-shape", "99999999999999999999999999,64"], ["--input-shape", "GiB"]),
         (["--input-shape", "4,64", "--input-dtype", "int64", "--int-high", "0"], ["--int-high", "at least 1"]),
         (["--input-shape", "4,64", "--input-dtype", "int32", "--int-high", "99999999999"], ["--int-high", "int32"]),
+        # the model cannot take these: torch.export fails on the first, traces the second
+        (["--input-shape", "4,64", "--input-dtype", "int64"], ["MLP itself fails", "i64[4, 64]", "accepts"]),
+        (["--input-shape", "4,64", "--input-dtype", "float64"], ["MLP itself fails", "f64[4, 64]", "accepts"]),
+        (["--input-shape", "4,32"], ["MLP itself fails", "f32[4, 32]"]),
     ],
 )
 def test_input_shapes_and_ranges_that_cannot_be(files, tmp_path, capsys, args, mentions):
@@ -781,6 +785,19 @@ def test_inspect_reads_a_report_with_odd_figures_without_failing(pt2_run, tmp_pa
     odd = _with_parts(pt2_run["folder"] / "out.pt2", tmp_path / "odd.pt2", {"extra/rewrite_report.json": json.dumps(report).encode()})
     assert main(["inspect", str(odd)]) == 0
     assert "approx_bp: 0 changed" in capsys.readouterr().out
+
+
+def test_inspect_says_what_the_check_did_not_test_and_what_the_eager_model_saves(pt2_run, tmp_path, capsys):
+    report = {
+        "model": "Net", "mode": "train", "activation_bytes_eager": 2048, "fixed_mode": "in eval mode it differs",
+        "passes": [{"spec": "approx_bp", "kind": "exact", "numerics": {"grad_untested": "no output needs a gradient"}}],
+    }
+    path = _with_parts(pt2_run["folder"] / "out.pt2", tmp_path / "r.pt2", {"extra/rewrite_report.json": json.dumps(report).encode()})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gradients NOT TESTED (no output needs a gradient)" in out
+    assert "Net run eagerly saves 2.0 KiB for backward" in out
+    assert "stays in train mode: in eval mode it differs" in out
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
