@@ -90,22 +90,22 @@ def _first(config: dict, prefix: str) -> tuple[str, dict]:
 # -- the crafted archives -----------------------------------------------------------------------
 
 
-def pickled_weight(parts, marker):
-    def edit(config):
-        _, entry = _first(config, "weight_")
-        entry["use_pickle"] = True
-        parts["data/weights/" + entry["path_name"]] = _torch_save_bytes(WritesMarker(marker))
+def _pickled(config_name: str, directory: str, prefix: str):
+    """A craft that marks the config's first tensor entry as pickled and stores the payload there."""
 
-    _edit_json(parts, WEIGHTS_CONFIG, edit)
+    def craft(parts, marker):
+        def edit(config):
+            _, entry = _first(config, prefix)
+            entry["use_pickle"] = True
+            parts[directory + entry["path_name"]] = _torch_save_bytes(WritesMarker(marker))
+
+        _edit_json(parts, config_name, edit)
+
+    return craft
 
 
-def pickled_tensor_constant(parts, marker):
-    def edit(config):
-        _, entry = _first(config, "tensor_")
-        entry["use_pickle"] = True
-        parts["data/constants/" + entry["path_name"]] = _torch_save_bytes(WritesMarker(marker))
-
-    _edit_json(parts, CONSTANTS_CONFIG, edit)
+pickled_weight = _pickled(WEIGHTS_CONFIG, "data/weights/", "weight_")
+pickled_tensor_constant = _pickled(CONSTANTS_CONFIG, "data/constants/", "tensor_")
 
 
 def opaque_object_constant(parts, marker):

@@ -15,6 +15,7 @@ from rewrite.capture import capture
 from rewrite.graph import call_function
 from rewrite.module import clone_graph_module
 from rewrite.verify import _error, compare, tolerance
+from helpers import RebuildGelu
 
 aten = torch.ops.aten
 
@@ -28,24 +29,6 @@ class NoOp(Pass):
 
     def run(self, gm, ctx):
         return PassResult()
-
-
-@dataclass(frozen=True)
-class RebuildGelu(Pass):
-    """Replaces every GELU by a new, identical GELU node: an exact rewrite."""
-
-    name: ClassVar[str] = "rebuild_gelu"
-
-    def run(self, gm, ctx):
-        result = PassResult()
-        for node in list(gm.graph.nodes):
-            if node.target is aten.gelu.default:
-                with gm.graph.inserting_before(node):
-                    new = call_function(gm.graph, aten.gelu.default, node.args, dict(node.kwargs), like=node)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
-                result.changes.append(Change(node.name, "", "aten.gelu", "aten.gelu"))
-        return result
 
 
 @dataclass(frozen=True)

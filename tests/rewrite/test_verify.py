@@ -4,36 +4,15 @@ head initialised to zero) the values those nodes feed are projected into the los
 check that still tests nothing of the pass, or has no floating or differentiable output to
 test, says so in the report's text, numbers and HTML instead of giving an error of 0."""
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import pytest
 import torch
 import torch.nn as nn
 
-from rewrite import Change, Pass, PassResult, optimize, zoo
-from rewrite.graph import call_function
+from rewrite import optimize, zoo
 from rewrite.html_report import render_html
+from helpers import RebuildGelu
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class RebuildGelu(Pass):
-    """Replaces every GELU by a new, identical GELU node: exact, and changes the graph."""
-
-    name: ClassVar[str] = "rebuild_gelu"
-
-    def run(self, gm, ctx):
-        result = PassResult()
-        for node in list(gm.graph.nodes):
-            if node.target is aten.gelu.default:
-                with gm.graph.inserting_before(node):
-                    new = call_function(gm.graph, aten.gelu.default, node.args, dict(node.kwargs), like=node)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
-                result.changes.append(Change(node.name, "", "aten.gelu", "aten.gelu"))
-        return result
 
 
 class ZeroHead(nn.Module):
