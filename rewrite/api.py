@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rewrite.capture import capture, in_mode, model_failure
+from rewrite.errors import OptionError
 from rewrite.module import RewriteInfo, RewrittenModule, structure_only
 from rewrite.pass_infra import Pass, PassContext, resolve_passes
 from rewrite.pass_manager import PassManager
@@ -58,6 +59,12 @@ def optimize(
     The model itself is not modified: the result shares its parameters (like torch.compile),
     except those a pass replaced, which are new tensors.
     """
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise OptionError(f"progress={progress!r}: give True, False or a function that takes each message")
+    if codegen is not None and not isinstance(codegen, bool):
+        raise OptionError(f"codegen={codegen!r}: give True, False or None (on when CUDA is available)")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise OptionError(f"example_kwargs must be a dict of keyword inputs, not a {type(example_kwargs).__name__}")
     report_progress = _stderr_progress if progress is True else (progress or None)
     resolved = resolve_passes(passes)
     if report_progress:

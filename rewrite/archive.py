@@ -18,6 +18,7 @@ import ast
 import io
 import json
 import keyword
+import operator
 import re
 import zipfile
 from pathlib import Path
@@ -33,28 +34,30 @@ from rewrite.errors import CheckpointError
 MODEL = "model"  # the program's name inside archives written by torch.export.save
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FQN = re.compile(r"(?:[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?")  # "" is the root module
-_OP_TARGET = re.compile(r"torch\.ops(?:\.(?!__)[A-Za-z_][A-Za-z0-9_]*){2,3}")
+_OP_TARGET = re.compile(r"torch\.ops(?:\.[A-Za-z_][A-Za-z0-9_]*){2,3}")  # aten.__and__.Tensor too
 # Shape expressions as torch writes them (sympy's srepr: ``Mul(Integer(64), Symbol('s77',
 # positive=True))``): numbers, operators, quoted symbol names, keyword arguments and names
 # (checked against the list below). No other strings, no dots outside numbers, no brackets:
 # the only calls left are to the sympy functions allowed below.
 _EXPR_TOKEN = re.compile(
-    r"\s*(?:(?P<number>\d+\.\d*(?:e[+-]?\d+)?|\d+)|'(?P<symbol>[A-Za-z_][A-Za-z0-9_]*)'"
-    r"|(?P<keyword>[a-z_]+)\s*=(?!=)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?:\*\*|//|[-+*/%(),<>=!&|~]=?))"
+    r"\s*(?:(?P<number>\d{1,19}(?:\.\d{0,19})?(?![\d.]))|'(?P<symbol>[A-Za-z_][A-Za-z0-9_]*)'"
+    r"|(?P<keyword>[a-z_]+)\s*=(?!=)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?://|[-+*/%(),<>=!&|~]=?(?!\*)))"
 )
 _SYMBOL = re.compile(r"(?:s|u|zf|zuf)\d+")  # torch's symbol names: sizes, unbacked ints, floats
 _EXPR_FUNCTIONS = {
     # sympy's own, as torch prints symbolic sizes and conditions
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Min", "Max", "Abs", "floor", "ceiling",
+    # (no powers: a power of two numbers is evaluated, and can be made to take forever)
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Mod", "Min", "Max", "Abs", "floor", "ceiling",
     "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
     "Equality", "Unequality", "And", "Or", "Not", "Piecewise", "ExprCondPair", "true", "false", "True", "False",
     "BooleanTrue", "BooleanFalse", "oo", "zoo", "nan", "Infinity", "NegativeInfinity", "NaN", "Half", "One", "Zero",
     "NegativeOne",
     # torch.utils._sympy's, which torch's deserializer lets shape expressions call
     "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
+    "LShift", "RShift", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
     "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
 }
+_MAX_TEXT = 10_000  # characters of one shape expression or guard: torch's are a few dozen
 _GUARD_CALLS = {"size", "stride", "storage_offset", "dim", "numel"}
 
 
@@ -88,7 +91,21 @@ def read_program(path: Path) -> tuple[torch.export.ExportedProgram, dict[str, st
     except Exception as exc:
         raise CheckpointError(f"{path}: its program ({layout.MODELS_FILENAME_FORMAT.format(MODEL)}) is malformed: {exc}") from exc
     program = serde.ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, example_inputs)
+    _check_targets(path, program.graph_module)
     return program, extra
+
+
+def _check_targets(path: Path, graph_module: torch.fx.GraphModule) -> None:
+    """Every call in the graph (subgraphs included) is of an operator: the names in the file
+    passed the check, and here is what torch looked them up as."""
+    allowed = (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
+    for module in graph_module.modules():
+        for node in getattr(getattr(module, "graph", None), "nodes", ()):
+            target = node.target
+            if node.op == "call_function" and not (
+                isinstance(target, allowed) or target in serde._SYM_OPS or target is operator.getitem
+            ):
+                raise _refuse(path, f"its program calls {target!r} at node {node.name}, which is not an operator")
 
 
 def _parts(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
@@ -99,6 +116,9 @@ def _parts(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     roots = {info.filename.split("/", 1)[0] for info in infos}
     if len(roots) != 1 or any("/" not in info.filename for info in infos):
         raise CheckpointError(f"{path}: not a torch.export archive (its entries are not all in one top folder)")
+    names = [info.filename for info in infos]
+    if len(set(names)) != len(names):  # readers differ on which copy they take
+        raise CheckpointError(f"{path}: holds some entries twice; is it a .pt2 written by torch.export.save?")
     for info in infos:
         # torch.export.save stores every part as is; a compressed part could unpack to any size.
         if info.compress_type != zipfile.ZIP_STORED:
@@ -187,6 +207,8 @@ def _tensors(path: Path, read, directory: str, config_name: str) -> dict[str, to
             all(s > 0 for s in size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= max(flat.numel(), 1)
         ):
             raise CheckpointError(f"{path}: {where}: sizes {size}, strides {stride} reach past the {flat.numel()} values stored")
+        if device.type not in ("cpu", "cuda"):
+            raise CheckpointError(f"{path}: {where} is on the device {device}; rewrite loads tensors saved on cpu or cuda")
         tensor = flat.as_strided(size, stride, offset) if flat.numel() else torch.zeros(size, dtype=dtype)
         try:
             tensor = tensor.to(device)
@@ -216,7 +238,8 @@ def _sample_inputs(path: Path, data: bytes):
         inputs = torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:
         raise _refuse(
-            path, f"its sample inputs ({layout.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL)}) hold pickled Python objects"
+            path,
+            f"its sample inputs ({layout.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL)}) hold pickled Python objects, or are corrupt",
         ) from exc
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], tuple) and isinstance(inputs[1], dict)):
         raise CheckpointError(f"{path}: its sample inputs are not a pair (args tuple, kwargs dict); is the file corrupt?")
@@ -253,7 +276,7 @@ def _walk(path: Path, value: Any, key: str = "") -> None:
         if key == "metadata":
             for name, text in value.items():
                 # fx prints some of these as comments of the generated source: no line breaks but \n.
-                _check(path, isinstance(text, str) and "\r" not in text, f"node metadata {name!r} with a carriage return")
+                _check(path, isinstance(text, str) and "\r" not in text, f"node metadata {name!r} that is not one-line-per-line text")
             return
         if key in _NAME_MAPS:
             for name in value:
@@ -295,6 +318,7 @@ def _is_operator(target: str) -> bool:
 
 def _check_expression(path: Path, text: str) -> None:
     """A symbolic size as torch writes it; sympify evaluates this text, so nothing else may appear."""
+    _check(path, len(text) <= _MAX_TEXT, f"a shape expression of {len(text)} characters")
     position = 0
     while position < len(text.rstrip()):
         token = _EXPR_TOKEN.match(text, position)
@@ -312,23 +336,30 @@ def _check_guard(path: Path, guard: Any) -> None:
     ``module()`` compiles these into a function, so only comparisons and arithmetic of numbers
     and of the inputs' sizes, strides and numels may appear."""
     try:
-        tree = ast.parse(guard, mode="eval") if isinstance(guard, str) else None
+        tree = ast.parse(guard, mode="eval") if isinstance(guard, str) and len(guard) <= _MAX_TEXT else None
     except SyntaxError:
         tree = None
-    _check(path, tree is not None and all(_harmless_guard_node(n) for n in ast.walk(tree)), f"the input guard {guard!r}")
+    # text only as the name of an input, L['x']: 'a' * 10**11 would fill the memory at every call
+    names = {id(n.slice) for n in ast.walk(tree) if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)} if tree else set()
+    harmless = tree is not None and all(_harmless_guard_node(n, names) for n in ast.walk(tree))
+    _check(path, harmless, f"the input guard {guard!r}")
 
 
-def _harmless_guard_node(node: ast.AST) -> bool:
+def _harmless_guard_node(node: ast.AST, input_names: set[int]) -> bool:
     if isinstance(node, ast.Name):
         return node.id == "L" and isinstance(node.ctx, ast.Load)
-    if isinstance(node, ast.Constant):
-        return isinstance(node.value, (int, float, str, bool))
+    if isinstance(node, ast.Constant):  # numbers of a size, or the name of an input
+        if isinstance(node.value, str):
+            return id(node) in input_names and _IDENTIFIER.fullmatch(node.value) is not None
+        return isinstance(node.value, (int, float, bool)) and abs(node.value) < 2**63
     if isinstance(node, ast.Attribute):
         return node.attr in _GUARD_CALLS
     if isinstance(node, ast.Call):
         return isinstance(node.func, ast.Attribute) and node.func.attr in _GUARD_CALLS and not node.keywords
+    if isinstance(node, ast.operator):  # no powers: 2 ** 10**10 would run for ever at every call
+        return isinstance(node, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Div))
     return isinstance(
         node,
         (ast.Expression, ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Subscript, ast.Load,
-         ast.cmpop, ast.boolop, ast.operator, ast.unaryop),
+         ast.cmpop, ast.boolop, ast.unaryop),
     )

@@ -143,6 +143,8 @@ def _hint(exc: BaseException) -> str:
             "The model branches on the values of a tensor (data-dependent control flow), which a graph "
             "cannot record; compute the condition outside forward, or use torch.cond."
         )
+    if "DynamicCache" in text or "Cache" in name:
+        return "A Hugging Face model built with use_cache=True returns its key/value cache: build it with use_cache=False."
     if "Unsupported" in name:
         return "torch.export does not support a Python construct the model uses."
     return "torch.export could not trace the model."

@@ -73,7 +73,7 @@ def cmd_passes(args) -> int:
 
 def _parse_shape(text: str) -> list[int]:
     try:
-        shape = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+        shape = [int(part) for part in text.replace("x", ",").split(",")]
     except ValueError:
         shape = []
     if not shape or any(s < 1 for s in shape):
@@ -148,7 +148,7 @@ def _import_factory(spec: str):
         raise OptionError(f"--model {spec!r}: cannot import {module_name}: {exc}") from exc
     except SyntaxError as exc:
         raise OptionError(f"--model {spec!r}: {exc.filename}, line {exc.lineno}: syntax error: {exc.msg}") from exc
-    except Exception as exc:  # the user's module raised while being imported
+    except (Exception, SystemExit) as exc:  # the user's module raised (or exited) while being imported
         raise OptionError(f"--model {spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
@@ -166,7 +166,7 @@ def build_model(spec: str, kwargs_json: str | None, state: dict, source: Path) -
         raise OptionError("--model-kwargs must be a JSON object, e.g. '{\"dim\": 256}'")
     try:
         model = factory(**kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # the user's code may call sys.exit
         raise OptionError(f"--model {spec}: calling it failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"--model {spec}: returned a {type(model).__name__}, not a torch.nn.Module")
@@ -307,7 +307,7 @@ def _inspect_program(path: Path, show_graph: bool, show_kernels: bool = False) -
     if report:
         print(f"  rewritten from {report.get('model', '?')} ({report.get('mode', '?')} mode):")
         for p in report["passes"]:
-            changes, skipped = p.get("changes") or [], p.get("skipped") or []
+            changes, skipped = (p.get(key) if isinstance(p.get(key), list) else [] for key in ("changes", "skipped"))
             line = f"    {p.get('spec', '?')}: {len(changes)} changed, {len(skipped)} left alone, {p.get('kind', '?')}"
             numerics = p.get("numerics") if isinstance(p.get("numerics"), dict) else {}
             before, after = numerics.get("activation_bytes_before"), numerics.get("activation_bytes_after")
@@ -378,7 +378,10 @@ def cmd_demo(args) -> int:
 
     progress = Progress(True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out}: is a file; give a folder for the .pt2 and report.html")
+    if not 2 <= args.batch <= 1024:  # torch.export specialises a batch of 1
+        raise OptionError(f"--batch {args.batch}: give a batch size from 2 to 1024")
     model, inputs = zoo.build(args.model, batch=args.batch)
     print(f"model: {args.model}: {zoo.BUILTIN[args.model]}, {sum(p.numel() for p in model.parameters()):,} parameters")
     rewritten = optimize(model, args.passes or ["approx_bp"], inputs, mode="train", progress=progress)
@@ -396,6 +399,10 @@ def cmd_demo(args) -> int:
     print(f"\none SGD step on the rewritten model: loss {loss.item():.4f}, "
           f"{sum(p.grad is not None for p in rewritten.parameters())}/{len(list(rewritten.parameters()))} parameters got gradients")
 
+    try:  # made only now: a demo that fails leaves no empty folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(f"--out {out}: cannot make the folder: {exc.strerror or exc}") from exc
     saved = save(rewritten, out / f"{args.model}.pt2")
     reloaded = load(saved)
     same = torch.equal(reloaded(*inputs), rewritten(*inputs))

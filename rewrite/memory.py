@@ -135,4 +135,4 @@ def run_recording_saved(
     with _recording(gm) as recorder:
         interpreter = _AttributingInterpreter(gm, recorder, keep)
         out = interpreter.run(*flatten_inputs(gm, args, kwargs))
-    return gm.graph._codegen.process_outputs(out), recorder.result, interpreter.kept
+    return out, recorder.result, interpreter.kept  # Interpreter.run gives the outputs as the model returns them

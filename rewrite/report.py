@@ -160,6 +160,10 @@ def gradient_notes(n: Numerics) -> list[str]:
             "the outputs' gradients are zero at every input of the changed nodes, so the values those nodes "
             f"feed were projected into the loss too: {some_names(n.probes)}"
         )
+    worst = n.worst(n.grads)
+    if worst is not None and not n.grad_untested and not n.backward_within_rounding:
+        # the figure above is over all gradients joined: large unchanged ones can hide one far off
+        notes.append(f"largest error: {worst.name}, relative error {worst.rel:.3g}")
     if n.zero_grads:
         notes.append(f"zero in both graphs: {len(n.zero_grads)} of {len(n.grads)} gradients ({some_names(n.zero_grads)})")
     return notes

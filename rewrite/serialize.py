@@ -175,6 +175,7 @@ def load_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram,
             ) from exc
         first = reasons[0]
         message = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+        message = message if len(message) <= 300 else message[:299] + "…"  # torch's can hold a whole node
         raise CheckpointError(f"{path}: cannot load this .pt2: {message}") from exc
     return program, _saved_report(path, extra.get(REPORT_FILE))
 

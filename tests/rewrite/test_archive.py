@@ -244,6 +244,35 @@ def _string_input(parts):
     _edit_json(parts, MODEL_JSON, edit)
 
 
+def _class_as_target(parts):
+    def edit(program):
+        program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.__class__"
+
+    _edit_json(parts, MODEL_JSON, edit)
+
+
+def _power_in_guard(parts):
+    def edit(program):
+        program["guards_code"] = ["L['x'].size()[0] ** 10**10**10 == 1"]
+
+    _edit_json(parts, MODEL_JSON, edit)
+
+
+def _long_string_in_guard(parts):
+    def edit(program):
+        program["guards_code"] = ["L['x'].size()[0] == ('a' * 100000000000 == 'b')"]
+
+    _edit_json(parts, MODEL_JSON, edit)
+
+
+def _meta_device(parts):
+    def edit(config):
+        _, entry = _first(config, "weight_")
+        entry["tensor_meta"]["device"] = {"type": "meta", "index": None}
+
+    _edit_json(parts, WEIGHTS_CONFIG, edit)
+
+
 def _aoti(parts):
     parts["data/aotinductor/model/model.so"] = b"\x7fELF"
 
@@ -256,14 +285,28 @@ def _aoti(parts):
         (_node_name, "the name"),
         (_string_input, "string input"),
         (_aoti, "compiled code"),
+        (_class_as_target, "operator"),
+        (_power_in_guard, "input guard"),
+        (_long_string_in_guard, "input guard"),
+        (_meta_device, "device meta"),
     ],
-    ids=["script object", "call target", "node name", "string input", "compiled code"],
+    ids=["script object", "call target", "node name", "string input", "compiled code", "class as target",
+         "power in guard", "long string in guard", "meta device"],
 )
 def test_other_parts_torch_would_run_or_write_into_source_are_refused(clean, tmp_path, craft, part):
     path = _craft(clean, tmp_path / "evil.pt2", craft)
     with pytest.raises(CheckpointError) as info:
         load_program(path)
     assert str(path) in str(info.value) and part in str(info.value)
+
+
+def test_an_entry_stored_twice_is_refused(clean, tmp_path):
+    root, parts = _parts(clean)
+    path = _write(tmp_path / "twice.pt2", root, parts)
+    with zipfile.ZipFile(path, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr(f"{root}/{MODEL_JSON}", parts[MODEL_JSON])
+    with pytest.raises(CheckpointError, match="twice"):
+        load_program(path)
 
 
 def test_compressed_parts_are_refused(clean, tmp_path):
@@ -333,6 +376,9 @@ def test_shape_expressions_torch_writes_pass_the_check(expression):
     "expression",
     [
         "exec(chr(112)+chr(114))",
+        "2**10**10**10",
+        "Pow(Integer(10), Integer(10000000000))",
+        "Mul(Integer(123456789012345678901234567890), s0)",
         "Symbol('__import__')",
         "Symbol('s0').__class__",
         "S('s0')",

@@ -689,6 +689,7 @@ def test_full_disk_leaves_no_model_no_report_and_no_temporary_files(files, tmp_p
     [
         (["--input-shape", "0,64"], ["--input-shape", "0,64", "at least 1"]),
         (["--input-shape", "4,-64"], ["--input-shape", "4,-64"]),
+        (["--input-shape", "4,,64"], ["--input-shape", "4,,64"]),
         (["--input-shape", "100000000,100000000"], ["--input-shape", "GiB"]),
         (["--input-shape", "99999999999999999999999999,64"], ["--input-shape", "GiB"]),
         (["--input-shape", "4,64", "--input-dtype", "int64", "--int-high", "0"], ["--int-high", "at least 1"]),
@@ -713,6 +714,8 @@ def test_input_shapes_and_ranges_that_cannot_be(files, tmp_path, capsys, args, m
         (None, "some/file.py:mlp", ["package.module:factory"]),
         ("def build(:\n", "cli_broken_syntax:build", ["cli_broken_syntax", "syntax error", "line 1"]),
         ("raise RuntimeError('boom at import')\n", "cli_raises_on_import:build", ["cli_raises_on_import", "boom at import"]),
+        ("import sys\nsys.exit(0)\n", "cli_exits_on_import:build", ["cli_exits_on_import", "SystemExit"]),
+        ("import sys\ndef build():\n    sys.exit(0)\n", "cli_exits_when_called:build", ["calling it failed", "SystemExit"]),
     ],
 )
 def test_model_specs_that_cannot_be_imported(files, tmp_path, capsys, monkeypatch, module_text, model, mentions):
@@ -781,7 +784,8 @@ def test_saved_report_that_is_not_a_report(pt2_run, tmp_path, capsys, report, me
 
 
 def test_inspect_reads_a_report_with_odd_figures_without_failing(pt2_run, tmp_path, capsys):
-    report = {"passes": [{"spec": "approx_bp", "numerics": {"activation_bytes_before": "lots", "grad_rel_error": [1]}}]}
+    report = {"passes": [{"spec": "approx_bp", "changes": 5, "skipped": "x",
+                          "numerics": {"activation_bytes_before": "lots", "grad_rel_error": [1]}}]}
     odd = _with_parts(pt2_run["folder"] / "out.pt2", tmp_path / "odd.pt2", {"extra/rewrite_report.json": json.dumps(report).encode()})
     assert main(["inspect", str(odd)]) == 0
     assert "approx_bp: 0 changed" in capsys.readouterr().out
@@ -879,3 +883,20 @@ def test_fuzzed_command_lines_never_give_a_traceback(fuzz_inputs, command, sourc
     assert "Traceback" not in text, (argv, text)
     if rc == 2:
         assert any(line.startswith("error: ") or ": error: " in line for line in text.splitlines()), (argv, text)
+
+
+@pytest.mark.parametrize(
+    "args,mentions",
+    [(["--batch", "-1"], ["--batch", "-1"]), (["--batch", "0"], ["--batch"]), (["--batch", "10000000000"], ["--batch"]),
+     (["--out", "a_file"], ["--out", "a_file", "is a file"])],
+)
+def test_demo_options_that_cannot_be(tmp_path, capsys, monkeypatch, args, mentions):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("the user's")
+    _assert_refused(capsys, ["demo", "--model", "mlp", *args], tmp_path, mentions=mentions, untouched=[tmp_path / "a_file"])
+
+
+def test_a_failed_demo_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--model", "mlp", "-p", "remat{budget=1e-9}", "--out", "dd"]) == 2
+    assert not (tmp_path / "dd").exists()

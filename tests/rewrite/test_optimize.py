@@ -3,6 +3,7 @@ shares its parameters (except those a pass replaced), trains, switches train/eva
 before/after/report, and leaves the user's model as it was, also when a pass fails."""
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -484,3 +485,28 @@ def test_graphs_kept_for_inspection_do_not_hold_weights():
     for gm in kept:
         assert all(t.device.type == "meta" for t in [*gm.parameters(), *gm.buffers()])
     assert rewritten.report["approx_bp"].before is rewritten.before
+
+
+@pytest.mark.parametrize(
+    "arguments,mentions",
+    [({"progress": 5}, "progress=5"), ({"codegen": "yes"}, "codegen='yes'"), ({"example_kwargs": [1]}, "example_kwargs")],
+)
+def test_arguments_of_the_wrong_kind_are_option_errors(arguments, mentions):
+    model, inputs = zoo.build("mlp")
+    with pytest.raises(rewrite.OptionError, match=re.escape(mentions)):
+        optimize(model, ["approx_bp"], inputs, **arguments)
+
+
+def test_a_dict_of_several_outputs_is_checked():
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = torch.nn.Linear(4, 4), torch.nn.GELU()
+
+        def forward(self, x):
+            out = self.act(self.fc(x))
+            return {"y": out, "z": out.sum()}
+
+    rewritten = optimize(TwoOutputs(), ["approx_bp"], (torch.randn(3, 4),))
+    numerics = rewritten.report.passes[0].numerics
+    assert len(numerics.outputs) == 2 and numerics.forward_within_rounding and numerics.grad_untested is None

@@ -99,3 +99,29 @@ def test_gpt2_sdpa_with_attention_dropout_refuses_eval():
     )
     with pytest.raises(rewrite.RewriteError, match="mode='eval'"):
         m.eval()
+
+
+def test_a_rewritten_hugging_face_decoder_saves_and_loads(llama, tmp_path):
+    """Its graph calls aten.__and__ (the causal mask): the .pt2 reader must take the ops torch writes."""
+    model, ids, rewritten = llama
+    path = rewrite.save(rewritten, tmp_path / "llama.pt2")
+    loaded = rewrite.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, rewritten(ids).logits)
+
+
+def test_t5_whose_output_holds_several_tensors_is_rewritten_and_checked():
+    config = transformers.T5Config(
+        d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128, use_cache=False,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu",
+    )
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).train()
+    ids = _ids()
+    rewritten = optimize(model, ["approx_bp"], (ids,), {"decoder_input_ids": ids})
+    (entry,) = rewritten.report.passes
+    assert entry.changes, "approx_bp found nothing to rewrite in T5's gated GELU"
+    assert entry.numerics.grad_untested is None and entry.numerics.forward_within_rounding
+    with torch.no_grad():
+        out, expected = rewritten(ids, decoder_input_ids=ids), model(ids, decoder_input_ids=ids)
+    assert torch.allclose(out.logits, expected.logits, atol=1e-5)
