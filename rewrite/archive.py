@@ -47,15 +47,72 @@ _SYMBOL = re.compile(r"(?:s|u|zf|zuf)\d+")  # torch's symbol names: sizes, unbac
 _EXPR_FUNCTIONS = {
     # sympy's own, as torch prints symbolic sizes and conditions
     # (no powers: a power of two numbers is evaluated, and can be made to take forever)
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Mod", "Min", "Max", "Abs", "floor", "ceiling",
-    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
-    "Equality", "Unequality", "And", "Or", "Not", "Piecewise", "ExprCondPair", "true", "false", "True", "False",
-    "BooleanTrue", "BooleanFalse", "oo", "zoo", "nan", "Infinity", "NegativeInfinity", "NaN", "Half", "One", "Zero",
+    "Symbol",
+    "Integer",
+    "Rational",
+    "Float",
+    "Add",
+    "Mul",
+    "Mod",
+    "Min",
+    "Max",
+    "Abs",
+    "floor",
+    "ceiling",
+    "Eq",
+    "Ne",
+    "Lt",
+    "Le",
+    "Gt",
+    "Ge",
+    "StrictLessThan",
+    "StrictGreaterThan",
+    "LessThan",
+    "GreaterThan",
+    "Equality",
+    "Unequality",
+    "And",
+    "Or",
+    "Not",
+    "Piecewise",
+    "ExprCondPair",
+    "true",
+    "false",
+    "True",
+    "False",
+    "BooleanTrue",
+    "BooleanFalse",
+    "oo",
+    "zoo",
+    "nan",
+    "Infinity",
+    "NegativeInfinity",
+    "NaN",
+    "Half",
+    "One",
+    "Zero",
     "NegativeOne",
     # torch.utils._sympy's, which torch's deserializer lets shape expressions call
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
-    "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
+    "FloorDiv",
+    "ModularIndexing",
+    "Where",
+    "PythonMod",
+    "Mod",
+    "CleanDiv",
+    "CeilToInt",
+    "FloorToInt",
+    "CeilDiv",
+    "LShift",
+    "RShift",
+    "FloatTrueDiv",
+    "IntTrueDiv",
+    "IsNonOverlappingAndDenseIndicator",
+    "TruncToFloat",
+    "TruncToInt",
+    "RoundToInt",
+    "RoundDecimal",
+    "ToFloat",
+    "Identity",
 }
 _MAX_TEXT = 10_000  # characters of one shape expression or guard: torch's are a few dozen
 _GUARD_CALLS = {"size", "stride", "storage_offset", "dim", "numel"}
@@ -82,14 +139,16 @@ def read_program(path: Path) -> tuple[torch.export.ExportedProgram, dict[str, st
         constants = _tensors(path, read, layout.CONSTANTS_DIR, layout.CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL))
         example_inputs = _sample_inputs(path, read(layout.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL)))
         extra = {
-            name[len(layout.EXTRA_DIR):]: _text(path, read(name), name)
+            name[len(layout.EXTRA_DIR) :]: _text(path, read(name), name)
             for name in parts
             if name.startswith(layout.EXTRA_DIR)
         }
     try:
         serialized = serde._dict_to_dataclass(schema.ExportedProgram, program_json)
     except Exception as exc:
-        raise CheckpointError(f"{path}: its program ({layout.MODELS_FILENAME_FORMAT.format(MODEL)}) is malformed: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: its program ({layout.MODELS_FILENAME_FORMAT.format(MODEL)}) is malformed: {exc}"
+        ) from exc
     program = serde.ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, example_inputs)
     _check_targets(path, program.graph_module)
     return program, extra
@@ -112,7 +171,10 @@ def _parts(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     """The archive's entries by their name under its one top folder (as torch's reader sees them)."""
     infos = archive.infolist()
     if "serialized_exported_program.json" in archive.namelist():
-        raise _refuse(path, "is in the layout of torch < 2.7, whose parts torch unpickles; save it again with a recent torch.export.save")
+        raise _refuse(
+            path,
+            "is in the layout of torch < 2.7, whose parts torch unpickles; save it again with a recent torch.export.save",
+        )
     roots = {info.filename.split("/", 1)[0] for info in infos}
     if len(roots) != 1 or any("/" not in info.filename for info in infos):
         raise CheckpointError(f"{path}: not a torch.export archive (its entries are not all in one top folder)")
@@ -122,7 +184,9 @@ def _parts(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     for info in infos:
         # torch.export.save stores every part as is; a compressed part could unpack to any size.
         if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{path}: {info.filename} is compressed, which torch.export.save never does; is it a .pt2?")
+            raise CheckpointError(
+                f"{path}: {info.filename} is compressed, which torch.export.save never does; is it a .pt2?"
+            )
     return {info.filename.split("/", 1)[1]: info for info in infos if not info.is_dir()}
 
 
@@ -130,7 +194,9 @@ def _check_layout(path: Path, parts: dict, read) -> None:
     if layout.ARCHIVE_FORMAT_PATH not in parts:
         raise CheckpointError(f"{path}: not a torch.export archive (no {layout.ARCHIVE_FORMAT_PATH})")
     if read(layout.ARCHIVE_FORMAT_PATH).decode(errors="replace") != layout.ARCHIVE_FORMAT_VALUE:
-        raise CheckpointError(f"{path}: not a torch.export archive ({layout.ARCHIVE_FORMAT_PATH} is not {layout.ARCHIVE_FORMAT_VALUE!r})")
+        raise CheckpointError(
+            f"{path}: not a torch.export archive ({layout.ARCHIVE_FORMAT_PATH} is not {layout.ARCHIVE_FORMAT_VALUE!r})"
+        )
     version = read(layout.ARCHIVE_VERSION_PATH).decode(errors="replace")
     if version != layout.ARCHIVE_VERSION_VALUE:
         raise CheckpointError(
@@ -187,7 +253,11 @@ def _tensors(path: Path, read, directory: str, config_name: str) -> dict[str, to
         file = entry["path_name"]
         if entry.get("use_pickle"):
             raise _refuse(path, f"{where} is stored as a pickle ({directory}{file})")
-        if not file.startswith(layout.TENSOR_CONSTANT_FILENAME_PREFIX if directory == layout.CONSTANTS_DIR else layout.WEIGHT_FILENAME_PREFIX):
+        if not file.startswith(
+            layout.TENSOR_CONSTANT_FILENAME_PREFIX
+            if directory == layout.CONSTANTS_DIR
+            else layout.WEIGHT_FILENAME_PREFIX
+        ):
             raise _refuse(path, f"{where} is a pickled Python object ({directory}{file}), not a tensor")
         try:
             meta = serde._dict_to_dataclass(schema.TensorMeta, entry.get("tensor_meta"))
@@ -202,18 +272,26 @@ def _tensors(path: Path, read, directory: str, config_name: str) -> dict[str, to
             storages[file] = _flat(path, read(directory + file), dtype, where)
         flat = storages[file]
         if flat.dtype != dtype:
-            raise CheckpointError(f"{path}: {where}: {file} is read as both {flat.dtype} and {dtype}; is the file corrupt?")
+            raise CheckpointError(
+                f"{path}: {where}: {file} is read as both {flat.dtype} and {dtype}; is the file corrupt?"
+            )
         if any(s < 0 for s in (*size, *stride, offset)) or (
             all(s > 0 for s in size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= max(flat.numel(), 1)
         ):
-            raise CheckpointError(f"{path}: {where}: sizes {size}, strides {stride} reach past the {flat.numel()} values stored")
+            raise CheckpointError(
+                f"{path}: {where}: sizes {size}, strides {stride} reach past the {flat.numel()} values stored"
+            )
         if device.type not in ("cpu", "cuda"):
-            raise CheckpointError(f"{path}: {where} is on the device {device}; rewrite loads tensors saved on cpu or cuda")
+            raise CheckpointError(
+                f"{path}: {where} is on the device {device}; rewrite loads tensors saved on cpu or cuda"
+            )
         tensor = flat.as_strided(size, stride, offset) if flat.numel() else torch.zeros(size, dtype=dtype)
         try:
             tensor = tensor.to(device)
         except (RuntimeError, AssertionError) as exc:
-            raise CheckpointError(f"{path}: {where} was saved on {device}, which this machine cannot use ({exc})") from exc
+            raise CheckpointError(
+                f"{path}: {where} was saved on {device}, which this machine cannot use ({exc})"
+            ) from exc
         if entry.get("is_param"):
             tensor = torch.nn.Parameter(tensor, requires_grad=bool(meta.requires_grad))
         elif meta.requires_grad:
@@ -225,7 +303,9 @@ def _tensors(path: Path, read, directory: str, config_name: str) -> dict[str, to
 def _flat(path: Path, data: bytes, dtype: torch.dtype, where: str) -> torch.Tensor:
     size = torch.empty((), dtype=dtype).element_size()
     if len(data) % size:
-        raise CheckpointError(f"{path}: {where}: {len(data)} bytes is not a whole number of {dtype} values; is the file corrupt?")
+        raise CheckpointError(
+            f"{path}: {where}: {len(data)} bytes is not a whole number of {dtype} values; is the file corrupt?"
+        )
     if not data:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(bytearray(data), dtype=dtype)
@@ -241,8 +321,12 @@ def _sample_inputs(path: Path, data: bytes):
             path,
             f"its sample inputs ({layout.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL)}) hold pickled Python objects, or are corrupt",
         ) from exc
-    if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], tuple) and isinstance(inputs[1], dict)):
-        raise CheckpointError(f"{path}: its sample inputs are not a pair (args tuple, kwargs dict); is the file corrupt?")
+    if not (
+        isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], tuple) and isinstance(inputs[1], dict)
+    ):
+        raise CheckpointError(
+            f"{path}: its sample inputs are not a pair (args tuple, kwargs dict); is the file corrupt?"
+        )
     return inputs
 
 
@@ -276,7 +360,11 @@ def _walk(path: Path, value: Any, key: str = "") -> None:
         if key == "metadata":
             for name, text in value.items():
                 # fx prints some of these as comments of the generated source: no line breaks but \n.
-                _check(path, isinstance(text, str) and "\r" not in text, f"node metadata {name!r} that is not one-line-per-line text")
+                _check(
+                    path,
+                    isinstance(text, str) and "\r" not in text,
+                    f"node metadata {name!r} that is not one-line-per-line text",
+                )
             return
         if key in _NAME_MAPS:
             for name in value:
@@ -286,7 +374,9 @@ def _walk(path: Path, value: Any, key: str = "") -> None:
         for k, v in value.items():
             _walk(path, v, k)
         if key == "inputs" and "as_string" in value:
-            _check(path, re.fullmatch(r"[\w .,:/+-]*", str(value["as_string"])), f"a string input {value['as_string']!r}")
+            _check(
+                path, re.fullmatch(r"[\w .,:/+-]*", str(value["as_string"])), f"a string input {value['as_string']!r}"
+            )
         return
     if isinstance(value, list):
         for item in value:
@@ -324,7 +414,11 @@ def _check_expression(path: Path, text: str) -> None:
         token = _EXPR_TOKEN.match(text, position)
         _check(path, token, f"the shape expression {text!r}")
         if token["symbol"] is not None:
-            _check(path, _SYMBOL.fullmatch(token["symbol"]), f"the symbol {token['symbol']!r} in the shape expression {text!r}")
+            _check(
+                path,
+                _SYMBOL.fullmatch(token["symbol"]),
+                f"the symbol {token['symbol']!r} in the shape expression {text!r}",
+            )
         if token["name"] is not None:
             allowed = token["name"] in _EXPR_FUNCTIONS or _SYMBOL.fullmatch(token["name"])
             _check(path, allowed, f"the name {token['name']!r} in the shape expression {text!r}")
@@ -340,7 +434,11 @@ def _check_guard(path: Path, guard: Any) -> None:
     except SyntaxError:
         tree = None
     # text only as the name of an input, L['x']: 'a' * 10**11 would fill the memory at every call
-    names = {id(n.slice) for n in ast.walk(tree) if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)} if tree else set()
+    names = (
+        {id(n.slice) for n in ast.walk(tree) if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)}
+        if tree
+        else set()
+    )
     harmless = tree is not None and all(_harmless_guard_node(n, names) for n in ast.walk(tree))
     _check(path, harmless, f"the input guard {guard!r}")
 
@@ -360,6 +458,16 @@ def _harmless_guard_node(node: ast.AST, input_names: set[int]) -> bool:
         return isinstance(node, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Div))
     return isinstance(
         node,
-        (ast.Expression, ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Subscript, ast.Load,
-         ast.cmpop, ast.boolop, ast.unaryop),
+        (
+            ast.Expression,
+            ast.Compare,
+            ast.BoolOp,
+            ast.BinOp,
+            ast.UnaryOp,
+            ast.Subscript,
+            ast.Load,
+            ast.cmpop,
+            ast.boolop,
+            ast.unaryop,
+        ),
     )

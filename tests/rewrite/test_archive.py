@@ -126,7 +126,9 @@ def sympy_expression(parts, marker):
     def edit(program):
         values = program["graph_module"]["graph"]["tensor_values"]
         meta = next(v for v in values.values() if v["sizes"])
-        meta["sizes"][0] = {"as_expr": {"expr_str": f"__import__('pathlib').Path({str(marker)!r}).touch() or 3", "hint": {"as_int": 3}}}
+        meta["sizes"][0] = {
+            "as_expr": {"expr_str": f"__import__('pathlib').Path({str(marker)!r}).touch() or 3", "hint": {"as_int": 3}}
+        }
 
     _edit_json(parts, MODEL_JSON, edit)
 
@@ -290,8 +292,17 @@ def _aoti(parts):
         (_long_string_in_guard, "input guard"),
         (_meta_device, "device meta"),
     ],
-    ids=["script object", "call target", "node name", "string input", "compiled code", "class as target",
-         "power in guard", "long string in guard", "meta device"],
+    ids=[
+        "script object",
+        "call target",
+        "node name",
+        "string input",
+        "compiled code",
+        "class as target",
+        "power in guard",
+        "long string in guard",
+        "meta device",
+    ],
 )
 def test_other_parts_torch_would_run_or_write_into_source_are_refused(clean, tmp_path, craft, part):
     path = _craft(clean, tmp_path / "evil.pt2", craft)
