@@ -168,6 +168,11 @@ def load_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram,
         # torch's deserializer logs the real reason (e.g. an unregistered custom op) and raises a generic error.
         reasons = [e for error in (*logged.errors, exc) for e in _chain(error)]
         missing = next((m for e in reasons if (m := re.search(r"failed to resolve (torch\.ops\.[\w.]+)", str(e)))), None)
+        if missing and missing.group(1).startswith(("torch.ops.aten.", "torch.ops.prims.")):
+            raise CheckpointError(
+                f"{path}: uses {missing.group(1)}, which this torch ({torch.__version__}) does not have; "
+                "save it again with this torch"
+            ) from exc
         if missing:
             raise CheckpointError(
                 f"{path}: uses the custom op {missing.group(1)}, which is not registered; import the package "

@@ -402,3 +402,16 @@ def test_shape_expressions_that_could_run_code_are_refused(expression):
     program = {"graph_module": {"graph": {"sym_int_values": {"x": {"as_expr": {"expr_str": expression}}}}}}
     with pytest.raises(CheckpointError, match="shape expression"):
         check_program(Path("p.pt2"), program)
+
+
+def test_an_aten_op_this_torch_does_not_have_is_not_called_a_custom_op(clean, tmp_path):
+    def misspell(parts):
+        def edit(program):
+            program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.lineaz.default"
+
+        _edit_json(parts, MODEL_JSON, edit)
+
+    path = _craft(clean, tmp_path / "misspelt.pt2", misspell)
+    with pytest.raises(CheckpointError, match=r"torch\.ops\.aten\.lineaz.*this torch") as info:
+        load_program(path)
+    assert "custom op" not in str(info.value)
