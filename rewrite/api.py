@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,13 +11,10 @@ from rewrite.errors import OptionError
 from rewrite.module import RewriteInfo, RewrittenModule, structure_only
 from rewrite.pass_infra import Pass, PassContext, resolve_passes
 from rewrite.pass_manager import PassManager
+from rewrite.progress import progress_callback
 from rewrite.regions import CompileRegions, marked_regions
 from rewrite.report import Report
 from rewrite.verify import saved_by_model
-
-
-def _stderr_progress(message: str) -> None:
-    print(f"[rewrite {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def optimize(
@@ -65,7 +60,7 @@ def optimize(
         raise OptionError(f"codegen={codegen!r}: give True, False or None (on when CUDA is available)")
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise OptionError(f"example_kwargs must be a dict of keyword inputs, not a {type(example_kwargs).__name__}")
-    report_progress = _stderr_progress if progress is True else (progress or None)
+    report_progress = progress_callback(progress)
     resolved = resolve_passes(passes)
     if report_progress:
         report_progress(f"capturing {type(model).__name__}")

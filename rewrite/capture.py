@@ -30,6 +30,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from rewrite.errors import CaptureError, RewriteError
 from rewrite.graph import describe_value
 from rewrite.module import first_mode_difference
+from rewrite.state import buffers_kept, random_state_kept
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIR = os.path.dirname(os.path.abspath(__file__))  # this package only: the user's code may sit beside it
@@ -187,16 +188,11 @@ def model_failure(model: torch.nn.Module, exc: BaseException, args: tuple, kwarg
 def _eager_failure(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -> Exception | None:
     """What the model raises when called on the inputs as it is (None: it runs); its buffers and
     the random state are left as they were."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with in_mode(model, training), torch.no_grad(), torch.random.fork_rng(), quiet():
+        with in_mode(model, training), buffers_kept(model), torch.no_grad(), random_state_kept(), quiet():
             model(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model is what we report
         return exc
-    finally:
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
     return None
 
 

@@ -18,13 +18,13 @@ import json
 import math
 import os
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from rewrite.errors import CheckpointError, OptionError, RewriteError
+from rewrite.progress import Progress
 
 _DTYPES = {
     "float32": torch.float32,
@@ -35,16 +35,6 @@ _DTYPES = {
     "int32": torch.int32,
     "bool": torch.bool,
 }
-
-
-class Progress:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # -- passes -------------------------------------------------------------------------------
@@ -355,7 +345,16 @@ def cmd_inspect(args) -> int:
     path = Path(args.file)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".pt2":
+    if args.json:
+        if path.suffix != ".pt2":
+            raise OptionError(f"{path}: --json prints the report saved in a rewritten .pt2; a state dict holds none")
+        from rewrite.serialize import load_program
+
+        _, report = load_program(path)
+        if report is None:
+            raise CheckpointError(f"{path}: holds no rewrite report (it was not written by rewrite)")
+        print(json.dumps(report, indent=2))
+    elif path.suffix == ".pt2":
         _inspect_program(path, args.graph, args.kernels)
     elif path.suffix in STATE_DICT_SUFFIXES:
         if args.kernels:
@@ -463,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="for a .pt2: print the Triton source emitted for each rewrite op, next to what it computes",
     )
+    p.add_argument("--json", action="store_true", help="for a rewritten .pt2: print only its saved report, as JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="rewrite a built-in model and print the graph diff and the report")

@@ -10,7 +10,6 @@ statistics) are restored, so checking leaves the model as it was.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from rewrite.graph import tensor_value
 from rewrite.memory import SavedActivations, record_saved, run_recording_saved
+from rewrite.state import buffers_kept, random_state_kept
 
 # Relative error ||after - before|| / ||before|| allowed for "equal up to float rounding".
 _TOLERANCE = {
@@ -137,23 +137,6 @@ def _inputs_for_check(args: tuple, kwargs: dict, input_grads: bool = True) -> tu
     return pytree.tree_unflatten(copies, spec)
 
 
-def _gpus() -> range:
-    # manual_seed reseeds every GPU too: fork (and so restore) the generators of all of them.
-    return range(torch.cuda.device_count()) if torch.cuda.is_available() and torch.cuda.is_initialized() else range(0)
-
-
-@contextlib.contextmanager
-def _buffers_kept(*modules: torch.nn.Module):
-    """Buffers the block mutates (batch-norm statistics) are set back as they were."""
-    buffers = {id(b): (b, b.detach().clone()) for m in modules for b in m.buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for tensor, value in buffers.values():
-                tensor.copy_(value)
-
-
 @dataclass
 class _Run:
     outputs: list[torch.Tensor]
@@ -181,7 +164,7 @@ def _run(
     scheduled = step is not None and step.applies(gm, call_args, call_kwargs)
     if scheduled:
         step.prepare(gm, call_args, call_kwargs)  # compile before recording what is saved
-    with torch.random.fork_rng(devices=_gpus()):
+    with random_state_kept():
         torch.manual_seed(seed)
         if scheduled:
             with record_saved(gm) as saved:  # a training schedule (remat) decides what is saved
@@ -232,7 +215,7 @@ def compare(before: fx.GraphModule, after: fx.GraphModule, args: tuple, kwargs: 
     def run_both(probes: list[str]) -> list[_Run]:
         runs = []
         for gm in (before, after):
-            with _buffers_kept(before, after):
+            with buffers_kept(before, after):
                 runs.append(_run(gm, args, kwargs, seed, shared, input_grads, feeding, probes))
         return runs
 
@@ -291,6 +274,6 @@ def saved_by_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> SavedAc
     as for the graphs (distinct storages, float inputs requiring gradients), in the mode the
     model is in; its buffers and the random state are left as they were."""
     call_args, call_kwargs = _inputs_for_check(args, kwargs)
-    with _buffers_kept(model), torch.random.fork_rng(devices=_gpus()), record_saved(model) as saved:
+    with buffers_kept(model), random_state_kept(), record_saved(model) as saved:
         model(*call_args, **call_kwargs)
     return saved

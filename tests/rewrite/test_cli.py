@@ -900,3 +900,16 @@ def test_a_failed_demo_leaves_no_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--model", "mlp", "-p", "remat{budget=1e-9}", "--out", "dd"]) == 2
     assert not (tmp_path / "dd").exists()
+
+
+def test_inspect_json_prints_the_saved_report_as_numbers(pt2_run, files, tmp_path, capsys):
+    assert main(["inspect", str(pt2_run["folder"] / "out.pt2"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (entry,) = report["passes"]
+    numerics = entry["numerics"]
+    assert entry["spec"] == "approx_bp" and len(entry["changes"]) > 0
+    assert isinstance(numerics["activation_bytes_before"], int) and numerics["activation_bytes_after"] < numerics["activation_bytes_before"]
+    assert 0 < numerics["grad_rel_error"] < 1 and isinstance(report["activation_bytes_eager"], int)
+    _assert_refused(capsys, ["inspect", files["folder"] / "mlp.pt2", "--json"], files["folder"], mentions=["no rewrite report"])
+    source = _copy(files, "mlp.pt", tmp_path)
+    _assert_refused(capsys, ["inspect", source, "--json"], tmp_path, mentions=["--json"], untouched=[source])
