@@ -69,6 +69,8 @@ class PassReport:
         return n.saved_before.total_bytes, n.saved_after.total_bytes
 
     def kind(self) -> str:
+        if not self.changes:  # what the pass would have been is no claim about the graph it left as it was
+            return "changed nothing"
         if self.exact_forward and self.exact_backward:
             return "exact"
         if self.exact_forward:
