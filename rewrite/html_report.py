@@ -309,7 +309,7 @@ def _kernels_section(p: PassReport) -> str:
 
 
 def _pass_section(p: PassReport, eager_bytes: int | None) -> str:
-    approx = "" if (p.exact_forward and p.exact_backward) or not p.changes else " approx"
+    approx = "" if (p.exact_forward and p.exact_backward) or p.changed_nothing else " approx"
     untested = "<span class='badge untested'>gradients not tested</span>" if p.grad_untested else ""
     chart_rows = _chart_rows(p)
     chart = ""

@@ -68,8 +68,14 @@ class PassReport:
             return None
         return n.saved_before.total_bytes, n.saved_after.total_bytes
 
+    @property
+    def changed_nothing(self) -> bool:
+        """No change recorded, and where the check ran, outputs and gradients as they were."""
+        n = self.numerics
+        return not self.changes and (n is None or (n.forward_within_rounding and n.backward_within_rounding))
+
     def kind(self) -> str:
-        if not self.changes:  # what the pass would have been is no claim about the graph it left as it was
+        if self.changed_nothing:  # what the pass would have been is no claim about the graph it left as it was
             return "changed nothing"
         if self.exact_forward and self.exact_backward:
             return "exact"
