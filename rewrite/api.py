@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -28,6 +28,9 @@ def optimize(
     verify: bool = True,
     progress: bool | Callable[[str], None] = False,
     codegen: bool | None = None,
+    data: Iterable | None = None,
+    eval_data: Iterable | None = None,
+    seed: int = 0,
 ) -> RewrittenModule:
     """Rewrite ``model`` with ``passes`` and return a module called like it.
 
@@ -47,6 +50,12 @@ def optimize(
                     a gradient check that could test nothing of a pass says so. Also measures
                     the activation memory the model itself saves, for the report.
     progress:       True prints progress to stderr; a callable receives each message.
+    data:           batches the passes that learn train on (a re-iterable such as a DataLoader
+                    of (inputs, target) pairs or of bare inputs; labels are optional: they
+                    distil from the original model); a pass that needs data refuses to run
+                    without it.
+    eval_data:      batches such passes measure their quality on.
+    seed:           what the passes draw (initialisations, sampling) is repeatable under it.
     codegen:        fuse the regions passes marked into ops that run Triton kernels emitted
                     for them (see ``rewrite.regions``); default: on when CUDA is available.
                     Without CUDA the fused ops run the regions op by op with PyTorch.
@@ -58,14 +67,32 @@ def optimize(
         raise OptionError(f"progress={progress!r}: give True, False or a function that takes each message")
     if codegen is not None and not isinstance(codegen, bool):
         raise OptionError(f"codegen={codegen!r}: give True, False or None (on when CUDA is available)")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise OptionError(f"seed={seed!r}: give an integer")
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise OptionError(f"example_kwargs must be a dict of keyword inputs, not a {type(example_kwargs).__name__}")
     report_progress = progress_callback(progress)
     resolved = resolve_passes(passes)
+    for p in resolved:
+        if p.needs_data and data is None:
+            raise OptionError(
+                f"pass {p.name!r} learns from data: give optimize(..., data=batches) (the CLI's --data pkg.mod:factory)"
+            )
+    for name, batches in (("data", data), ("eval_data", eval_data)):
+        if batches is not None and (not isinstance(batches, Iterable) or iter(batches) is batches):
+            raise OptionError(f"{name} must be re-iterable (a DataLoader, a list of batches), not a one-pass iterator")
     if report_progress:
         report_progress(f"capturing {type(model).__name__}")
     captured = capture(model, example_inputs, example_kwargs, mode=mode, dynamic_batch=dynamic_batch)
-    ctx = PassContext(captured.example_args, captured.example_kwargs, captured.mode)
+    ctx = PassContext(
+        captured.example_args,
+        captured.example_kwargs,
+        captured.mode,
+        data=data,
+        eval_data=eval_data,
+        progress=report_progress or (lambda message: None),
+        seed=seed,
+    )
     eager_bytes = None
     if verify:  # the graphs' figures come from the check; this one is what the user's model saves
         try:

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
+import torch
 import torch.fx as fx
 
 from rewrite.errors import OptionError, PassError
@@ -117,11 +118,22 @@ def option_help(cls: type[Pass], option_field: dataclasses.Field) -> str:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: the example inputs and the capture mode."""
+    """What a pass may read besides the graph: the example inputs, the capture mode, the user's
+    batches (``data`` to learn from, ``eval_data`` to measure on; re-iterable, e.g. DataLoaders
+    of ``(inputs, target)`` pairs or of bare inputs: see ``rewrite.training.split_batch``), where
+    to report progress, and a seed (``generator()``) so that what a pass draws is repeatable."""
 
     example_args: tuple
     example_kwargs: dict
     mode: str
+    data: Iterable | None = None
+    eval_data: Iterable | None = None
+    progress: Callable[[str], None] = field(default=lambda message: None, repr=False)
+    seed: int = 0
+
+    def generator(self) -> torch.Generator:
+        """A fresh CPU generator seeded with ``seed``: the same draws every time it is asked for."""
+        return torch.Generator().manual_seed(self.seed)
 
 
 @dataclass
@@ -153,6 +165,9 @@ class PassResult:
 @dataclass(frozen=True)
 class Pass(ABC):
     name: ClassVar[str]
+    # A pass that learns from the user's batches (optimize(..., data=...)); without them it is
+    # refused before the model is captured.
+    needs_data: ClassVar[bool] = False
 
     def __post_init__(self):
         hints = _field_types(type(self))
