@@ -122,28 +122,45 @@ def make_inputs(shapes: list[str], dtypes: list[str], int_high: int) -> tuple:
     return tuple(inputs)
 
 
-def _import_factory(spec: str):
+def _import_factory(spec: str, option: str = "--model", returns: str = "the nn.Module"):
     module_name, _, attr = spec.partition(":")
     if not (module_name and attr and all(part.isidentifier() for part in module_name.split("."))
             and attr.isidentifier()):
         raise OptionError(
-            f"--model {spec!r}: write it as package.module:factory (an importable module, not a file path, and a "
-            "function in it that returns the nn.Module)"
+            f"{option} {spec!r}: write it as package.module:factory (an importable module, not a file path, and a "
+            f"function in it that returns {returns})"
         )
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise OptionError(f"--model {spec!r}: cannot import {module_name}: {exc}") from exc
+        raise OptionError(f"{option} {spec!r}: cannot import {module_name}: {exc}") from exc
     except SyntaxError as exc:
-        raise OptionError(f"--model {spec!r}: {exc.filename}, line {exc.lineno}: syntax error: {exc.msg}") from exc
+        raise OptionError(f"{option} {spec!r}: {exc.filename}, line {exc.lineno}: syntax error: {exc.msg}") from exc
     except (Exception, SystemExit) as exc:  # the user's module raised (or exited) while being imported
-        raise OptionError(f"--model {spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
+        raise OptionError(f"{option} {spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise OptionError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
+        raise OptionError(f"{option} {spec!r}: {module_name} has no callable {attr!r}")
     return factory
+
+
+def load_data(spec: str | None) -> tuple:
+    """``(data, eval_data)`` from ``--data pkg.mod:factory``: the factory returns the training
+    batches, or a pair (training batches, evaluation batches)."""
+    if spec is None:
+        return None, None
+    returns = "the batches (e.g. a DataLoader), or a pair (training batches, evaluation batches)"
+    factory = _import_factory(spec, "--data", returns)
+    try:
+        made = factory()
+    except (Exception, SystemExit) as exc:
+        raise OptionError(f"--data {spec}: calling it failed: {type(exc).__name__}: {exc}") from exc
+    data, eval_data = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if data is None:
+        raise OptionError(f"--data {spec}: returned None; it must return {returns}")
+    return data, eval_data
 
 
 def build_model(spec: str, kwargs_json: str | None, state: dict, source: Path) -> torch.nn.Module:
@@ -245,6 +262,7 @@ def cmd_run(args) -> int:
     else:
         raise CheckpointError(f"{source}: unknown file type {source.suffix!r}; rewrite reads .pt2, {', '.join(STATE_DICT_SUFFIXES)}")
 
+    data, eval_data = load_data(args.data)
     rewritten = optimize(
         model,
         passes,
@@ -255,6 +273,8 @@ def cmd_run(args) -> int:
         verify=not args.no_verify,
         progress=progress,
         codegen={"auto": None, "on": True, "off": False}[args.codegen],
+        data=data,
+        eval_data=eval_data,
     )
     progress(f"saving {args.output}")
     files = {args.output: program_bytes(rewritten)}
@@ -443,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"dtype of the inputs (one for all, or one per --input-shape): {', '.join(_DTYPES)}; default float32")
     p.add_argument("--int-high", type=int, default=2, metavar="N",
                    help="integer inputs are drawn from [0, N): set it to the vocabulary size for token ids (default 2)")
+    p.add_argument("--data", metavar="pkg.mod:factory",
+                   help="for passes that learn: a function returning the batches (e.g. a DataLoader of (inputs, target) "
+                        "pairs or of bare inputs), or a pair (training batches, evaluation batches)")
     p.add_argument("--mode", choices=("train", "eval"),
                    help="capture the model in this mode (default: train for a state dict, as saved for a .pt2)")
     p.add_argument("--static-batch", action="store_true", help="keep the batch size fixed instead of dynamic")

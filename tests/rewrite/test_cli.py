@@ -14,7 +14,9 @@ import sys
 import tempfile
 import textwrap
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from rewrite import zoo
+from rewrite import Pass, PassResult
 from rewrite.cli import build_parser, main
 from rewrite.pass_infra import format_value, pass_class
 from rewrite.serialize import load, load_program
@@ -112,7 +115,7 @@ def test_run_help_documents_every_option(capsys):
     actions = [a for a in _run_subparser()._actions if a.dest != "help"]
     assert {a.dest for a in actions} >= {
         "input", "passes", "output", "report", "model", "model_kwargs", "input_shape", "input_dtype",
-        "int_high", "mode", "static_batch", "no_verify", "quiet",
+        "int_high", "mode", "static_batch", "no_verify", "quiet", "data",
     }
     for action in actions:
         assert action.help and len(action.help) > 15, f"{action.dest} has no real help text"
@@ -913,3 +916,48 @@ def test_inspect_json_prints_the_saved_report_as_numbers(pt2_run, files, tmp_pat
     _assert_refused(capsys, ["inspect", files["folder"] / "mlp.pt2", "--json"], files["folder"], mentions=["no rewrite report"])
     source = _copy(files, "mlp.pt", tmp_path)
     _assert_refused(capsys, ["inspect", source, "--json"], tmp_path, mentions=["--json"], untouched=[source])
+
+
+@pytest.fixture()
+def data_pass():
+    from rewrite.pass_infra import _registered, register_pass
+
+    @register_pass
+    @dataclass(frozen=True)
+    class CountsBatches(Pass):
+        """Learns nothing: counts the batches it is given (a stand-in for a pass that trains)."""
+
+        name: ClassVar[str] = "counts_batches"
+        needs_data: ClassVar[bool] = True
+
+        def run(self, gm, ctx):
+            return PassResult(figures={"batches": len(list(ctx.data)), "eval_batches": len(list(ctx.eval_data or []))})
+
+    yield CountsBatches
+    _registered.pop("counts_batches")
+
+
+def test_data_from_a_factory_reaches_the_pass(files, tmp_path, capsys, monkeypatch, data_pass):
+    (tmp_path / "cli_batches.py").write_text(textwrap.dedent("""
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def both():
+            x = torch.randn(96, 64)
+            return DataLoader(TensorDataset(x), batch_size=32), DataLoader(TensorDataset(x[:32]), batch_size=32)
+
+        def nothing():
+            return None
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = _copy(files, "mlp.pt2", tmp_path)
+    assert main(["run", str(source), "-p", "counts_batches", "--data", "cli_batches:both", "-o", str(tmp_path / "o.pt2"),
+                 "-q"]) == 0
+    assert "batches: 3" in capsys.readouterr().out
+    (tmp_path / "o.pt2").unlink()
+    _assert_refused(capsys, ["run", source, "-p", "counts_batches", "-o", tmp_path / "o.pt2", "-q"], tmp_path,
+                    mentions=["counts_batches", "learns from data", "--data"], untouched=[source])
+    _assert_refused(capsys, ["run", source, "-p", "counts_batches", "--data", "cli_batches:nothing", "-o",
+                             tmp_path / "o.pt2", "-q"], tmp_path, mentions=["--data", "None"], untouched=[source])
+    _assert_refused(capsys, ["run", source, "-p", "counts_batches", "--data", "data.pt", "-o", tmp_path / "o.pt2", "-q"],
+                    tmp_path, mentions=["--data", "package.module:factory"], untouched=[source])
