@@ -10,7 +10,7 @@ from rewrite.capture import capture, in_mode, model_failure
 from rewrite.errors import OptionError
 from rewrite.module import RewriteInfo, RewrittenModule, structure_only
 from rewrite.pass_infra import Pass, PassContext, resolve_passes
-from rewrite.pass_manager import PassManager
+from rewrite.pass_manager import PassManager, check_order
 from rewrite.progress import progress_callback
 from rewrite.regions import CompileRegions, marked_regions
 from rewrite.report import Report
@@ -73,6 +73,7 @@ def optimize(
         raise OptionError(f"example_kwargs must be a dict of keyword inputs, not a {type(example_kwargs).__name__}")
     report_progress = progress_callback(progress)
     resolved = resolve_passes(passes)
+    check_order(resolved)
     for p in resolved:
         if p.needs_data and data is None:
             raise OptionError(

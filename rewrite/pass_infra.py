@@ -168,6 +168,9 @@ class Pass(ABC):
     # A pass that learns from the user's batches (optimize(..., data=...)); without them it is
     # refused before the model is captured.
     needs_data: ClassVar[bool] = False
+    # Ordering rules the PassManager checks before anything runs: why the pass must be the last
+    # one (None: it need not), and the passes that must not come after it.
+    runs_last: ClassVar[str | None] = None
 
     def __post_init__(self):
         hints = _field_types(type(self))

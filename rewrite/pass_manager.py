@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
-from rewrite.errors import KernelCacheError, PassError, RewriteError
+from rewrite.errors import KernelCacheError, OptionError, PassError, RewriteError
 from rewrite.module import clone_graph_module
 from rewrite.pass_infra import Pass, PassContext
 from rewrite.report import PassReport
@@ -25,6 +25,7 @@ class PassManager:
         progress: Callable[[str], None] | None = None,
     ):
         self.passes = list(passes)
+        check_order(self.passes)
         self.verify = verify
         self.progress = progress or (lambda message: None)
 
@@ -90,6 +91,14 @@ class PassManager:
             worst = numerics.worst(numerics.grads)
             raise PassError(p.name, f"changed the gradients beyond float rounding: {worst.describe()}")
         return numerics
+
+
+def check_order(passes: Sequence[Pass]) -> None:
+    """Refuse an order the passes' own rules forbid, before anything runs."""
+    for index, p in enumerate(passes[:-1]):
+        if p.runs_last:
+            after = ", ".join(q.spec() for q in passes[index + 1 :])
+            raise OptionError(f"pass {p.name!r} must run last: {p.runs_last}; move {after} before it")
 
 
 def _raise_if_kernel_cache(exc: Exception) -> None:

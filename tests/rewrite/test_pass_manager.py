@@ -433,3 +433,26 @@ def test_tensor_errors():
     assert _error("t", torch.tensor([3.0, 4.0]) * (1 + 1e-6), torch.tensor([3.0, 4.0])).within_rounding
     assert tolerance(torch.float16) > tolerance(torch.float32) > tolerance(torch.float64) > 0
     assert tolerance(torch.int64) == 0.0
+
+
+@dataclass(frozen=True)
+class PlansTheFinalGraph(Pass):
+    """Declares that it must run last."""
+
+    name: ClassVar[str] = "plans_final"
+    runs_last: ClassVar[str] = "it plans the graph it is given"
+
+    def run(self, gm, ctx):
+        return PassResult()
+
+
+def test_ordering_rules_are_checked_before_anything_runs():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise AssertionError("captured before the order was checked")
+
+    with pytest.raises(OptionError, match="pass 'plans_final' must run last: it plans the graph it is given; move rebuild_gelu before it"):
+        optimize(Boom(), [PlansTheFinalGraph(), RebuildGelu()], (torch.randn(2, 4),))
+    with pytest.raises(OptionError, match="must run last"):
+        PassManager([PlansTheFinalGraph(), NoOp()])
+    PassManager([NoOp(), PlansTheFinalGraph()])  # last: allowed
