@@ -200,6 +200,14 @@ class Pass(ABC):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Rewrite ``gm`` in place; say what changed and what was left alone."""
 
+    def evaluate(self, before: fx.GraphModule, after: fx.GraphModule, ctx: PassContext) -> dict[str, float]:
+        """The quality of an approximate pass's result on ``ctx.eval_data`` (the PassManager asks
+        when it is given): by default accuracy against the labels, if the batches have them,
+        and agreement with the graph before. A pass may measure what fits it better."""
+        from rewrite.training import quality
+
+        return quality(before, after, ctx.eval_data, len(ctx.example_args))
+
     def fail(self, message: str) -> PassError:
         return PassError(self.name, message)
 

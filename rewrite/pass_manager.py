@@ -63,6 +63,9 @@ class PassManager:
             raise PassError(p.name, f"left nodes without metadata (meta['val']): {', '.join(missing[:5])}")
         p.postcondition(work, ctx, result)
         numerics = self._check_numerics(p, gm, work, ctx) if self.verify else None
+        if ctx.eval_data is not None and not p.exact_forward:
+            self.progress(f"measuring {p.name} on eval_data")
+            result.figures.update(p.evaluate(gm, work, ctx))
         report = PassReport(
             name=p.name,
             spec=p.spec(),

@@ -156,3 +156,42 @@ def _cycle(data: Iterable):
             yield batch
         if empty:
             raise OptionError("distill: the data holds no batches")
+
+
+def quality(before: Callable[..., Any], after: Callable[..., Any], eval_data: Iterable, num_inputs: int = 1) -> dict:
+    """How ``after`` (a rewritten model) does against ``before`` (the original) on ``eval_data``,
+    in eval-free plain numbers: with class labels in the batches, the accuracy of both (argmax
+    of the first floating-point output over its last dimension); always, the fraction of rows
+    where the two predict the same class (``agreement``) and the relative error of the outputs."""
+    correct_before = correct_after = agree = rows = 0
+    labelled = True
+    squared_error = squared_norm = 0.0
+    with torch.no_grad(), random_state_kept():
+        for index, batch in enumerate(eval_data):
+            inputs, target = split_batch(batch, num_inputs)
+            torch.manual_seed(index)  # both draw the same dropout masks, where they have the same dropouts
+            b = _first_float(before(*inputs))
+            torch.manual_seed(index)
+            a = _first_float(after(*inputs))
+            squared_error += (a.double() - b.double()).pow(2).sum().item()
+            squared_norm += b.double().pow(2).sum().item()
+            pred_b, pred_a = b.argmax(-1), a.argmax(-1)
+            agree += (pred_b == pred_a).sum().item()
+            rows += pred_b.numel()
+            labelled = labelled and isinstance(target, torch.Tensor) and target.shape == pred_b.shape and not target.is_floating_point()
+            if labelled:
+                correct_before += (pred_b == target).sum().item()
+                correct_after += (pred_a == target).sum().item()
+    if rows == 0:
+        raise OptionError("eval_data holds no batches")
+    figures = {"eval_agreement": agree / rows, "eval_output_rel_error": math.sqrt(squared_error / max(squared_norm, 1e-300))}
+    if labelled:
+        figures.update(eval_accuracy_before=correct_before / rows, eval_accuracy_after=correct_after / rows)
+    return figures
+
+
+def _first_float(output: Any) -> torch.Tensor:
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    raise OptionError("the model's output holds no floating-point tensor to measure on eval_data")

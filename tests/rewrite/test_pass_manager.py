@@ -456,3 +456,31 @@ def test_ordering_rules_are_checked_before_anything_runs():
     with pytest.raises(OptionError, match="must run last"):
         PassManager([PlansTheFinalGraph(), NoOp()])
     PassManager([NoOp(), PlansTheFinalGraph()])  # last: allowed
+
+
+def _eval_batches(labelled: bool):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.randn(48, 8, generator=torch.Generator().manual_seed(5))
+    labels = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(6))
+    return DataLoader(TensorDataset(x, labels) if labelled else TensorDataset(x), batch_size=16)
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labels", "no labels"])
+def test_an_approximate_pass_is_measured_on_eval_data(labelled):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
+    figures = optimize(model, [GeluToRelu(approximate=True)], (torch.randn(4, 8),), eval_data=_eval_batches(labelled)).report[
+        "gelu_to_relu"
+    ].figures
+    assert 0 < figures["eval_agreement"] <= 1 and 0 < figures["eval_output_rel_error"] < 1
+    if labelled:
+        with torch.no_grad():
+            x, y = _eval_batches(True).dataset.tensors
+            expected = (model(x).argmax(-1) == y).float().mean().item()
+        assert figures["eval_accuracy_before"] == pytest.approx(expected)
+        assert 0 <= figures["eval_accuracy_after"] <= 1
+    else:
+        assert "eval_accuracy_before" not in figures
+    exact = optimize(model, [RebuildGelu()], (torch.randn(4, 8),), eval_data=_eval_batches(labelled)).report["rebuild_gelu"]
+    assert not any(key.startswith("eval_") for key in exact.figures)
