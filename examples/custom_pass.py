@@ -1,4 +1,4 @@
-"""A pass of your own: replace x * sigmoid(x) written by hand with SiLU, using a pattern.
+"""A pass of your own: replace x * sigmoid(x) written by hand with SiLU, as a rule table.
 
     python examples/custom_pass.py
 """
@@ -9,24 +9,10 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from rewrite import Change, Pass, PassResult, optimize, register_pass
-from rewrite.graph import call_function, module_path
-from rewrite.pattern import Rule, op, var
+from rewrite import Pass, PassResult, Rule, Rules, op, optimize, register_pass, replace_by_example, var
 
 aten = torch.ops.aten
-
-
-def _swish_to_silu(gm):
-    def rewrite(m) -> Change:
-        node = m.root
-        with gm.graph.inserting_before(node):
-            silu = call_function(gm.graph, aten.silu.default, (m["x"],), like=node)
-        node.replace_all_uses_with(silu)
-        gm.graph.erase_node(node)
-        return Change(node.name, module_path(node), "x * sigmoid(x)", "aten.silu")
-
-    x = var("x")
-    return Rule("swish", op(aten.mul.Tensor, x, op(aten.sigmoid.default, x), commutative=True), rewrite)
+x = var("x")
 
 
 @register_pass
@@ -35,16 +21,16 @@ class FuseSwish(Pass):
     """Replace x * sigmoid(x) by one SiLU call (exact)."""
 
     name: ClassVar[str] = "fuse_swish"
+    rules: ClassVar[Rules] = Rules(
+        Rule(
+            op(aten.mul, x, op(aten.sigmoid, x), commutative=True),  # either operand order
+            lambda m: replace_by_example(m, aten.silu.default, m["x"]),
+            what="x * sigmoid(x)",
+        ),
+    )
 
     def run(self, gm, ctx) -> PassResult:
-        rule = _swish_to_silu(gm)
-        result = PassResult()
-        for node in list(gm.graph.nodes):
-            change = rule.apply(node)  # a Change, or None where the pattern does not match
-            if change is not None:
-                result.changes.append(change)
-        gm.graph.eliminate_dead_code()  # the sigmoid nodes left without users
-        return result
+        return self.rules.apply(gm)  # every change, and the sigmoids left unused removed
 
 
 class Net(nn.Module):
@@ -57,6 +43,6 @@ class Net(nn.Module):
         return self.fc2(h * torch.sigmoid(h))
 
 
-x = torch.randn(8, 16)
-m = optimize(Net(), ["fuse_swish", "approx_bp"], (x,))  # then approx_bp makes the SiLU 2-bit
+x_in = torch.randn(8, 16)
+m = optimize(Net(), ["fuse_swish", "approx_bp"], (x_in,))  # then approx_bp makes the SiLU 2-bit
 print(m.report)

@@ -11,9 +11,11 @@ from rewrite import ops  # registers torch.ops.rewrite.* (needed to load rewritt
 from rewrite.api import optimize
 from rewrite.capture import capture
 from rewrite.errors import CaptureError, CheckpointError, OptionError, PassError, RewriteError
+from rewrite.graph import add_parameter, replace_by_example
 from rewrite.module import RewrittenModule
 from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option, pass_names, register_pass
 from rewrite.pass_manager import PassManager
+from rewrite.pattern import Match, Rule, Rules, any_of, maybe_cast, op, var
 from rewrite.regions import grow_pointwise_region, mark_region
 from rewrite.report import Report
 from rewrite.serialize import load, save
@@ -22,6 +24,7 @@ __all__ = [
     "CaptureError",
     "Change",
     "CheckpointError",
+    "Match",
     "OptionError",
     "Pass",
     "PassContext",
@@ -31,15 +34,23 @@ __all__ = [
     "Report",
     "RewriteError",
     "RewrittenModule",
+    "Rule",
+    "Rules",
     "Skip",
+    "add_parameter",
+    "any_of",
     "capture",
     "grow_pointwise_region",
     "load",
     "mark_region",
+    "maybe_cast",
+    "op",
     "ops",
     "optimize",
     "option",
     "pass_names",
     "register_pass",
+    "replace_by_example",
     "save",
+    "var",
 ]

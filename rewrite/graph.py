@@ -1,6 +1,13 @@
 """Graph utilities every pass needs: sizes from ``meta["val"]``, FLOPs per node, inserting
 nodes with their metadata, parameters behind ``get_attr`` nodes, a networkx view.
 
+A replacement is written as plain PyTorch and traced into the graph in front of what it
+replaces, with its metadata and provenance (``Rules.apply`` in ``rewrite.pattern`` then
+hands the root's users over to it)::
+
+    new = replace_by_example(match, lambda x, w, b: torch.nn.functional.linear(x, w, b), m["x"], m["w"], m["b"])
+    scale = add_parameter(gm, "fc.scale", torch.nn.Parameter(torch.ones(8)), like=match.root)
+
 Sizes may be symbolic (a dynamic batch dimension); every number returned here is concrete,
 evaluated at the example inputs the graph was captured with.
 """
@@ -14,7 +21,9 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.flop_counter import FlopCounterMode
 
 # torch.export's checks of a value's dtype/device: no output, no effect on the computation.
@@ -133,6 +142,90 @@ def getitem(graph: fx.Graph, node: fx.Node, index: int, *, name: str | None = No
             item.meta[key] = node.meta[key]
     item.meta["val"] = node.meta["val"][index]
     return item
+
+
+def replace_by_example(match, fn, *args, **kwargs) -> fx.Node:
+    """The node computing ``fn(*args, **kwargs)``, inserted before ``match.root``: ``fn`` is plain
+    PyTorch (``torch.ops.aten.silu.default``, ``lambda x, w: F.linear(x, w)``), traced on the
+    fake values of the arguments that are nodes; other arguments are constants baked in.
+
+    Traced at the level torch.export's graphs are (pre-dispatch ATen): ``F.linear`` stays
+    ``aten.linear``, as in the graph it joins. Every new node gets ``meta["val"]`` and the
+    root's provenance (module path, stack trace), so reports place it where the root was.
+    The root's users are left alone: ``Rules.apply`` moves them to the returned node, which
+    is an argument itself when ``fn`` returns one unchanged."""
+    root = match.root
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    inputs = [a for a in flat if isinstance(a, fx.Node)]
+    if root in inputs:  # its users are to read the replacement: one of them cannot be the replacement
+        raise ValueError(f"the replacement of {root.name} cannot read {root.name} itself")
+    for node in inputs:
+        if "val" not in node.meta:
+            raise ValueError(f"cannot trace a replacement of {root.name}: its input {node.name} has no meta['val']")
+
+    def with_inputs(*values):
+        given = iter(values)
+        filled = [next(given) if isinstance(a, fx.Node) else a for a in flat]
+        call_args, call_kwargs = pytree.tree_unflatten(filled, spec)
+        return fn(*call_args, **call_kwargs)
+
+    values = [node.meta["val"] for node in inputs]
+    fake_mode = detect_fake_mode([root.meta.get("val"), *values])
+    if fake_mode is None:
+        raise ValueError(f"cannot trace a replacement of {root.name}: the graph has no fake values (meta['val'])")
+    with fake_mode:
+        example = make_fx(with_inputs, tracing_mode="real", pre_dispatch=True)(*values)
+    env = dict(zip(example.graph.find_nodes(op="placeholder"), inputs))
+    graph = root.graph
+    with graph.inserting_before(root):
+        for node in example.graph.nodes:
+            if node.op == "get_attr":  # a tensor made inside fn: the graph module would not own it
+                raise ValueError(
+                    f"the replacement of {root.name} creates a tensor constant: pass it in as an argument "
+                    "made with rewrite.graph.add_parameter"
+                )
+            if node.op == "call_function":
+                env[node] = graph.node_copy(node, env.__getitem__)
+                for key in _PROVENANCE_KEYS:  # the tracer's own point into the rule, not the model
+                    env[node].meta.pop(key, None)
+                    if key in root.meta:
+                        env[node].meta[key] = root.meta[key]
+    new = fx.node.map_arg(example.graph.output_node().args[0], env.__getitem__)
+    if not isinstance(new, fx.Node):
+        raise ValueError(f"the replacement of {root.name} must return one tensor, not {type(new).__name__}")
+    return new
+
+
+def add_parameter(gm: fx.GraphModule, name_hint: str, tensor: torch.Tensor, *, like: fx.Node) -> fx.Node:
+    """Register ``tensor`` on ``gm`` and return a ``get_attr`` node reading it, inserted before
+    ``like`` (the node that will use it), with ``meta["val"]``. An ``nn.Parameter`` becomes a
+    parameter (trained, saved), any other tensor a buffer (saved). The name is ``name_hint``
+    ("fc.bias": attribute ``bias`` of submodule ``fc``, which must exist), or with ``_1``,
+    ``_2``... appended when that is taken."""
+    name, suffix = name_hint, 0
+    while _has_attr(gm, name):
+        suffix += 1
+        name = f"{name_hint}_{suffix}"
+    owner, leaf = attr_owner(gm, name)
+    if isinstance(tensor, torch.nn.Parameter):
+        owner.register_parameter(leaf, tensor)
+    else:
+        owner.register_buffer(leaf, tensor)
+    fake_mode = detect_fake_mode([like.meta.get("val")]) or fake_mode_of(gm)
+    if fake_mode is None:
+        raise ValueError(f"cannot add {name}: the graph has no fake values (meta['val'])")
+    with gm.graph.inserting_before(like):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = fake_mode.from_tensor(tensor)
+    return node
+
+
+def _has_attr(gm: torch.nn.Module, target: str) -> bool:
+    try:
+        owner, leaf = attr_owner(gm, target)
+    except AttributeError:
+        return False
+    return hasattr(owner, leaf)
 
 
 def attr_owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:

@@ -1,6 +1,7 @@
 """Graph utilities: sizes and FLOPs from meta["val"] (symbolic batch evaluated at the example),
-the networkx view, inserting nodes with metadata and provenance, module paths, tied weights,
-dead-code removal and the short names and shapes the reports print."""
+the networkx view, inserting nodes with metadata and provenance, replacements traced from
+plain PyTorch, new parameters, module paths, tied weights, dead-code removal and the short
+names and shapes the reports print."""
 
 import operator
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 import rewrite
 from rewrite.graph import (
     _clean_module_path,
+    add_parameter,
     call_function,
     concrete,
     erase_dead,
@@ -23,9 +26,11 @@ from rewrite.graph import (
     node_bytes,
     node_flops,
     op_name,
+    replace_by_example,
     tensor_value,
     to_networkx,
 )
+from rewrite.pattern import Rule, Rules, op, var
 
 aten = torch.ops.aten
 ASSERT_METADATA = aten._assert_tensor_metadata.default
@@ -234,6 +239,98 @@ def test_call_function_failure_leaves_the_graph_unchanged():
             call_function(graph, aten.mm.default, (linear, linear))
     assert [n.name for n in graph.nodes] == before
     graph.lint()
+
+
+# -- replacements traced from plain PyTorch ------------------------------------------------
+
+
+def _calls(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target is not ASSERT_METADATA]
+
+
+def test_replace_by_example_traces_at_the_graphs_level_with_metadata_and_provenance():
+    torch.manual_seed(0)
+    block = Block()
+    gm = rewrite.capture(block, (torch.randn(5, 6),)).graph_module
+    gelu = _node(gm, aten.gelu.default)
+    made = []
+
+    def relu_twice(m):  # gelu(linear(x)) -> relu(linear(x)) * 2, the 2 a constant baked in
+        relu_linear = lambda x, w, b, k: torch.relu(F.linear(x, w, b)) * k  # noqa: E731
+        made.append(replace_by_example(m, relu_linear, m["x"], m["w"], m["b"], 2.0))
+        return made[-1]
+
+    pattern = op(aten.gelu, op(aten.linear, var("x"), var("w"), var("b")))
+    Rules(Rule(pattern, relu_twice)).apply(gm)
+    assert _calls(gm) == [aten.linear.default, aten.relu.default, aten.mul.Tensor, aten.linear.default]
+    new = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not ASSERT_METADATA][:3]
+    assert made[0].target is aten.mul.Tensor and made[0].args[1] == 2.0
+    for node in new:
+        assert isinstance(node.meta["val"], torch.Tensor) and isinstance(node.meta["val"].shape[0], torch.SymInt)
+        assert node.meta["nn_module_stack"] == gelu.meta["nn_module_stack"] and module_path(node) == "inner.1"
+        assert node.meta["stack_trace"] == gelu.meta["stack_trace"]  # the model's line, not the tracer's
+    gm.graph.lint()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(gm(x), block._hidden(torch.relu(block.inner[0](x)) * 2))
+
+
+def test_replace_by_example_returns_an_argument_it_passes_through_and_refuses_what_it_cannot_splice():
+    gm = _export(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), torch.randn(2, 4))
+    relu = _node(gm, aten.relu.default)
+    m = op(aten.relu, var("x")).match(relu)
+    before = [n.name for n in gm.graph.nodes]
+    assert replace_by_example(m, lambda x: x, m["x"]) is m["x"]
+    with pytest.raises(ValueError, match="tensor constant.*add_parameter"):
+        replace_by_example(m, lambda x: x + torch.tensor(1.0), m["x"])
+    with pytest.raises(ValueError, match="cannot read relu itself"):
+        replace_by_example(m, torch.neg, relu)
+    with pytest.raises(ValueError, match="one tensor"):
+        replace_by_example(m, lambda x: (x, x), m["x"])
+    assert [n.name for n in gm.graph.nodes] == before
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+def test_add_parameter_makes_a_trained_saved_parameter_the_replacement_can_read():
+    gm = rewrite.capture(Scaled(), (torch.randn(5, 4),)).graph_module
+    added = []
+
+    def learned_scale(m):
+        scale = add_parameter(gm, "fc.scale", nn.Parameter(torch.full((3,), 2.0)), like=m.root)
+        added.append(scale)
+        return replace_by_example(m, torch.mul, m["y"], scale)
+
+    x = torch.randn(5, 4)
+    expected = gm(x)
+    Rules(Rule(op(aten.mul, var("y"), 2), learned_scale)).apply(gm)
+    (scale,) = added
+    assert scale.op == "get_attr" and scale.target == "fc.scale"
+    assert scale.meta["val"].shape == (3,) and scale.meta["val"].requires_grad
+    assert "fc.scale" in dict(gm.named_parameters()) and "fc.scale" in gm.state_dict()
+    out = gm(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    fc = gm.get_submodule("fc")
+    torch.testing.assert_close(fc.scale.grad, (x @ fc.weight.T + fc.bias).sum(0).detach())
+
+
+def test_add_parameter_names_are_unique_and_plain_tensors_become_buffers():
+    gm = _export(Scaled(), torch.randn(2, 4))
+    mul = _node(gm, aten.mul.Tensor)
+    first = add_parameter(gm, "fc.scale", nn.Parameter(torch.ones(3)), like=mul)
+    second = add_parameter(gm, "fc.scale", nn.Parameter(torch.ones(3)), like=mul)
+    buffer = add_parameter(gm, "shift", torch.zeros(3), like=mul)
+    assert (first.target, second.target, buffer.target) == ("fc.scale", "fc.scale_1", "shift")
+    assert "shift" in dict(gm.named_buffers()) and "shift" not in dict(gm.named_parameters())
+    assert list(gm.graph.nodes).index(buffer) < list(gm.graph.nodes).index(mul)
+    assert fake_mode_of(gm) is not None and buffer.meta["val"].fake_mode is fake_mode_of(gm)
 
 
 def test_getitem_takes_value_and_provenance_from_the_tuple(net_capture):

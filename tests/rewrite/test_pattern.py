@@ -1,13 +1,36 @@
 """Patterns as data: Op / Var / AnyOf matched against fx nodes, with consistent bindings,
-commutative operands, literal arguments, options tried in order, and rules built on them."""
+commutative operands, literal and keyword arguments, overload packets, one-user and
+optional-cast checks; rule tables and the driver that applies them; a pass written as one."""
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
+import rewrite
 from rewrite import zoo
-from rewrite.pattern import AnyOf, Match, Op, Rule, Var, _same, any_of, maybe, op, var
+from rewrite.capture import capture
+from rewrite.graph import ASSERT_METADATA, module_path, replace_by_example
+from rewrite.pass_infra import Pass, PassResult
+from rewrite.pattern import (
+    AnyOf,
+    Match,
+    Op,
+    Rule,
+    Rules,
+    Var,
+    _erase_dead,
+    _same,
+    any_of,
+    maybe,
+    maybe_cast,
+    op,
+    var,
+)
 
 aten = torch.ops.aten
 
@@ -317,38 +340,275 @@ def test_escaping_lists_inner_nodes_used_outside_the_match():
     assert sin_only.escaping() == []
 
 
-# -- rules ---------------------------------------------------------------------------------
+# -- keyword arguments, overloads, one user, casts ------------------------------------------
 
 
-def test_rule_apply_returns_none_without_a_match():
-    calls = []
+class Attention(nn.Module):
+    def forward(self, q):
+        causal = F.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.5)
+        return causal, F.scaled_dot_product_attention(q, q, q)
 
-    def rewrite(m):
-        calls.append(m)
-        return f"relu of {m['x'].name}"
 
-    rule = Rule("relu", op(aten.relu.default, var("x")), rewrite)
+def _calls(gm, target):
+    return [n for n in gm.graph.nodes if n.target is target]
+
+
+def test_keyword_patterns_match_given_positional_and_default_arguments():
+    gm = capture(Attention(), (torch.randn(2, 2, 4, 8),)).graph_module
+    # torch.export passes is_causal positionally and scale by keyword; the plain call gives neither
+    causal, plain = _calls(gm, aten.scaled_dot_product_attention.default)
+    q = var("q")
+    attention = op(aten.scaled_dot_product_attention.default, q, q, q, is_causal=var("causal"), scale=var("scale"))
+    m = attention.match(causal)
+    assert m["causal"] is True and m["scale"] == 0.5 and m["q"].op == "placeholder"
+    m = attention.match(plain)
+    assert m["causal"] is False and m["scale"] is None  # the schema's defaults
+    is_causal = op(aten.scaled_dot_product_attention.default, var(), var(), var(), is_causal=True)
+    assert is_causal.match(causal) is not None and is_causal.match(plain) is None
+    assert op(aten.scaled_dot_product_attention.default, var(), scale=0.5).match(plain) is None
+    assert op(aten.scaled_dot_product_attention.default, var(), causal=True).match(causal) is None  # no such argument
+
+
+def test_positional_patterns_past_the_given_arguments_take_the_schema_default():
     g = Graph()
-    relu = g.call(aten.relu.default, g.x)
-    gelu = g.call(aten.gelu.default, g.x)
-    assert rule.apply(gelu) is None
-    assert calls == []
-    assert rule.apply(relu) == "relu of x"
-    assert len(calls) == 1 and calls[0].root is relu
-    assert Rule("declines", op(aten.relu.default, var()), lambda m: None).apply(relu) is None
+    mean = g.call(aten.mean.dim, g.x, [-1])
+    assert op(aten.mean.dim, var(), [-1], False).match(mean) is not None  # keepdim defaults to False
+    assert op(aten.mean.dim, var(), [-1], True).match(mean) is None
+    assert op(aten.mean.dim, var(), [-1], var(), var()).match(mean) is None  # dtype is keyword-only
+    gelu = g.call(aten.gelu.default, g.x, approximate="tanh")
+    assert op(aten.gelu.default, var(), approximate="tanh").match(gelu) is not None
+    assert op(aten.gelu.default, var(), approximate="none").match(g.call(aten.gelu.default, g.x)) is not None
 
 
-def test_rules_compose_first_applicable_wins():
+def test_an_overload_packet_matches_every_overload_of_the_op():
     g = Graph()
-    relu = g.call(aten.relu.default, g.x)
-    gelu = g.call(aten.gelu.default, g.x)
-    rules = [
-        Rule("never", op(aten.relu.default, var()), lambda m: None),
-        Rule("relu", op(aten.relu.default, var("x")), lambda m: "relu"),
-        Rule("gelu", op(aten.gelu.default, var("x")), lambda m: "gelu"),
+    add_tensor = g.call(aten.add.Tensor, g.x, g.y)
+    add_scalar = g.call(aten.add.Scalar, g.x, 2)
+    sub = g.call(aten.sub.Tensor, g.x, g.y)
+    assert all(op(aten.add, var(), var()).match(n) is not None for n in (add_tensor, add_scalar))
+    assert op(aten.add, var(), var()).match(sub) is None
+    assert op(aten.add.Tensor, var(), var()).match(add_scalar) is None
+    assert op((aten.add, aten.sub.Tensor), var(), var()).match(sub) is not None  # packets and overloads mix
+    gm = capture(Attention(), (torch.randn(2, 2, 4, 8),)).graph_module
+    assert len([n for n in gm.graph.nodes if op(aten.scaled_dot_product_attention, var()).match(n)]) == 2
+
+
+def test_one_user_ignores_metadata_assertions():
+    class TwoReaders(nn.Module):
+        def forward(self, x):
+            e = torch.exp(x)
+            return torch.softmax(x, -1).to(torch.float64), e * 2, e + 1
+
+    gm = capture(TwoReaders(), (torch.randn(2, 8),)).graph_module
+    (exp,) = _calls(gm, aten.exp.default)
+    (softmax,) = _calls(gm, aten.softmax.int)
+    assert any(u.target is ASSERT_METADATA for u in softmax.users)  # torch.export checks the dtype before .to
+    assert op(aten.softmax, var(), one_user=True).match(softmax) is not None
+    assert op(aten.exp, var(), one_user=True).match(exp) is None
+    assert op(aten.exp, var()).match(exp) is not None
+    mul = next(n for n in gm.graph.nodes if n.target is aten.mul.Tensor)
+    assert op(aten.mul, op(aten.exp, var(), one_user=True), 2).match(mul) is None  # checked inside a tree too
+
+
+def test_maybe_cast_looks_through_one_dtype_only_cast():
+    class Casts(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x, -1).to(torch.float64), torch.softmax(x, 0)
+
+    gm = capture(Casts(), (torch.randn(2, 8),)).graph_module
+    cast, plain = gm.graph.output_node().args[0]
+    pattern = maybe_cast(op(aten.softmax, var("x"), var("dim")), name="cast")
+    m = pattern.match(cast)
+    assert m["dim"] == -1 and m["cast"] is cast and m.nodes == [cast, cast.args[0]]
+    m = pattern.match(plain)
+    assert m["dim"] == 0 and "cast" not in m.bindings
+    assert maybe_cast(var("v")).match(cast)["v"] is cast.args[0]  # the cast is tried first
+
+
+def test_maybe_cast_refuses_casts_that_move_or_reformat():
+    g = Graph()
+    g.x.meta["val"] = torch.empty(2, 3)
+    cpu = torch.device("cpu")
+    inner = var("x")
+    casts = {
+        "to.dtype": g.call(aten.to.dtype, g.x, torch.float16),
+        "convert_element_type": g.call(torch.ops.prims.convert_element_type.default, g.x, torch.float16),
+        "_to_copy": g.call(aten._to_copy.default, g.x, dtype=torch.float16),
+        "_to_copy on its own device": g.call(aten._to_copy.default, g.x, dtype=torch.float16, device=cpu),
+    }
+    for what, node in casts.items():
+        assert maybe_cast(inner).match(node)["x"] is g.x, what
+    moves = g.call(aten._to_copy.default, g.x, dtype=torch.float16, device=torch.device("meta"))
+    reformats = g.call(aten.to.dtype, g.x, torch.float16, memory_format=torch.channels_last)
+    reformats_positionally = g.call(aten.to.dtype, g.x, torch.float16, False, False, torch.channels_last)
+    sparse = g.call(aten._to_copy.default, g.x, layout=torch.sparse_coo)
+    for node in (moves, reformats, reformats_positionally, sparse):
+        assert maybe_cast(inner).match(node)["x"] is node  # only the second option: x is the cast itself
+
+
+# -- rules and the driver ------------------------------------------------------------------
+
+
+class Swish(nn.Module):
+    def forward(self, h):
+        return h * torch.sigmoid(h)
+
+
+class TwoSwishes(nn.Module):
+    """x * sigmoid(x) in both operand orders, each in a module of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.act = Swish()
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        g = self.fc2(h)
+        return torch.sigmoid(g) * g
+
+
+x_ = var("x")
+SWISH = op(aten.mul, x_, op(aten.sigmoid, x_), commutative=True)
+TO_SILU = Rule(SWISH, lambda m: replace_by_example(m, aten.silu.default, m["x"]), what="x * sigmoid(x)")
+
+
+def _swishes():
+    return capture(TwoSwishes(), (torch.randn(4, 8),)).graph_module
+
+
+def test_rules_try_rules_in_order_and_none_falls_through():
+    gm = _swishes()
+    tried = []
+
+    def declines(m):
+        tried.append(m.root.name)
+        return None
+
+    rules = Rules(Rule(SWISH, declines), TO_SILU, Rule(SWISH, lambda m: pytest.fail("a later rule ran")))
+    result = rules.apply(gm)
+    assert tried == ["mul", "mul_1"]
+    assert [(c.node, c.before, c.after) for c in result.changes] == [
+        ("mul", "x * sigmoid(x)", "aten.silu"),
+        ("mul_1", "x * sigmoid(x)", "aten.silu"),
     ]
+    assert [c.where for c in result.changes] == ["act", ""]
+    assert result.skipped == []
 
-    def first(node):
-        return next((r for rule in rules if (r := rule.apply(node)) is not None), None)
 
-    assert first(relu) == "relu" and first(gelu) == "gelu" and first(g.x) is None
+def test_rules_compose_with_plus_in_order():
+    to_relu = Rule(SWISH, lambda m: replace_by_example(m, aten.relu.default, m["x"]))
+    gm = _swishes()
+    result = (Rules(to_relu) + Rules(TO_SILU)).apply(gm)
+    assert len(_calls(gm, aten.relu.default)) == 2 and not _calls(gm, aten.silu.default)
+    assert result.changes[0].before == "aten.mul.Tensor"  # a rule that does not say what it matches
+    gm = _swishes()
+    (Rules(TO_SILU) + Rules(to_relu)).apply(gm)
+    assert len(_calls(gm, aten.silu.default)) == 2 and not _calls(gm, aten.relu.default)
+    assert len(Rules(TO_SILU) + Rules(to_relu, TO_SILU)) == 3
+
+
+def test_a_skip_is_recorded_with_its_node_and_reason_and_stops_the_rules():
+    gm = _swishes()
+    in_act = lambda m: module_path(m.root) == "act"  # noqa: E731
+    rules = Rules(Rule(SWISH, lambda m: m.skip("kept for the test") if in_act(m) else None), TO_SILU)
+    result = rules.apply(gm, fixed_point=True)
+    skips = [(s.node, s.where, s.op, s.reason) for s in result.skipped]
+    assert skips == [("mul", "act", "aten.mul.Tensor", "kept for the test")]
+    assert [c.node for c in result.changes] == ["mul_1"]  # the skipped node was not rewritten by the next rule
+    assert len(_calls(gm, aten.sigmoid.default)) == 1  # each walk skips it again; it is reported once
+
+
+def test_the_replacement_takes_over_the_users_and_dead_nodes_go():
+    gm = _swishes()
+    x = torch.randn(3, 8)
+    expected = gm(x)
+    Rules(TO_SILU).apply(gm)
+    assert not _calls(gm, aten.sigmoid.default) and not _calls(gm, aten.mul.Tensor)
+    torch.testing.assert_close(gm(x), expected)  # recompiled: runs the new graph
+
+
+class HandWrittenSigmoids(nn.Module):
+    def forward(self, x):
+        y = x / (1 + torch.exp(-x))
+        return y / (1 + torch.exp(-y))
+
+
+# x / (1 + exp(-x)) -> x * sigmoid(x): the new mul is only seen by the next walk
+HAND_SIGMOID = Rule(
+    op(aten.div, x_, op(aten.add, op(aten.exp, op(aten.neg, x_)), 1, commutative=True)),
+    lambda m: replace_by_example(m, lambda x: x * torch.sigmoid(x), m["x"]),
+)
+
+
+def test_fixed_point_repeats_walks_until_nothing_changes():
+    x = torch.randn(4, 8)
+    gm = capture(HandWrittenSigmoids(), (x,)).graph_module
+    expected = gm(x)
+    once = Rules(HAND_SIGMOID, TO_SILU).apply(gm)
+    assert len(once.changes) == 2 and len(_calls(gm, aten.mul.Tensor)) == 2 and not _calls(gm, aten.silu.default)
+
+    gm = capture(HandWrittenSigmoids(), (x,)).graph_module
+    result = Rules(HAND_SIGMOID, TO_SILU).apply(gm, fixed_point=True)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target is not ASSERT_METADATA]
+    assert calls == [aten.silu.default, aten.silu.default]  # silu(silu(x)); neg, exp, add, div gone
+    assert [c.after for c in result.changes] == ["aten.mul.Tensor", "aten.mul.Tensor", "aten.silu", "aten.silu"]
+    torch.testing.assert_close(gm(x), expected)
+
+
+def test_rules_that_never_settle_raise_after_the_walk_limit():
+    gm = _swishes()
+    swap = Rule(op(aten.mul, var("a"), var("b")), lambda m: replace_by_example(m, lambda a, b: b * a, m["a"], m["b"]))
+    with pytest.raises(RuntimeError, match="after 3 walks"):
+        Rules(swap).apply(gm, fixed_point=True, max_walks=3)
+    assert len(Rules(swap).apply(_swishes()).changes) == 2  # one walk: fine
+
+
+def test_a_replacement_of_another_shape_or_kind_is_refused():
+    gm = _swishes()
+    with pytest.raises(ValueError, match=r"mul \(f32\[s\d+, 16\]\) by sum"):
+        Rules(Rule(SWISH, lambda m: replace_by_example(m, torch.sum, m["x"]))).apply(gm)
+    with pytest.raises(TypeError, match="returned str"):
+        Rules(Rule(SWISH, lambda m: "silu")).apply(_swishes())
+
+
+def test_dead_code_removal_keeps_nodes_with_effects():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    bumped = g.call_function(aten.add_.Tensor, (x, 1))  # in place: x changes even if no one reads it
+    noise = g.call_function(aten.rand_like.default, (x,))  # random: it advances the generator
+    total = g.call_function(aten.add.Tensor, (g.call_function(aten.neg.default, (bumped,)), noise))
+    root = g.call_function(aten.relu.default, (total,))
+    check = g.call_function(ASSERT_METADATA, (root,), {"dtype": torch.float32})
+    g.output(x)
+    erased = _erase_dead(g, root)
+    assert {n.target for n in erased} == {aten.relu.default, ASSERT_METADATA, aten.add.Tensor, aten.neg.default}
+    assert check in erased
+    assert [n.op for n in g.nodes] == ["placeholder", "call_function", "call_function", "output"]
+
+
+# -- a pass written as a rule table --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiluFromSigmoid(Pass):
+    """x * sigmoid(x) -> silu(x): one op, one saved tensor instead of two."""
+
+    name: ClassVar[str] = "silu_from_sigmoid"
+    rules: ClassVar[Rules] = Rules(TO_SILU)
+
+    def run(self, gm, ctx) -> PassResult:
+        return self.rules.apply(gm)
+
+
+def test_a_pass_written_as_rules_runs_through_optimize_exactly():
+    model = TwoSwishes()
+    x = torch.randn(4, 8)
+    m = rewrite.optimize(model, [SiluFromSigmoid()], (x,))  # verify: outputs and gradients to rounding
+    (entry,) = m.report.passes
+    assert [(c.where, c.after) for c in entry.changes] == [("act", "aten.silu"), ("", "aten.silu")]
+    assert entry.numerics.forward_within_rounding and entry.numerics.backward_within_rounding
+    assert len(_calls(m.after, aten.silu.default)) == 2 and not _calls(m.after, aten.sigmoid.default)
+    torch.testing.assert_close(m(x), model(x))
+    m(x).sum().backward()
+    assert m.fc1.weight.grad is not None
