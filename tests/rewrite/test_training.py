@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from rewrite import Pass, PassResult, optimize
+import rewrite
+from rewrite import Change, Match, Pass, PassResult, add_parameter, optimize, replace_by_example
 from rewrite.capture import capture
 from rewrite.errors import OptionError
+from rewrite.module import clone_graph_module
 from rewrite.training import activations, distill, split_batch
 
 
@@ -138,3 +140,57 @@ def test_a_pass_gets_the_data_and_a_seeded_generator():
     assert figures[0]["batch_rows"] == 32 and figures[0]["draw"] == figures[1]["draw"] != figures[2]["draw"]
     with pytest.raises(OptionError, match="re-iterable"):
         optimize(model, [NeedsData()], (torch.randn(4, 8),), data=iter(_data()))
+
+
+@dataclass(frozen=True)
+class LearnedScale(Pass):
+    """A pass that trains (for this test): after every GELU, a per-feature scale it adds as a
+    parameter, initialised off 1 and distilled back towards the original's outputs."""
+
+    name: ClassVar[str] = "learned_scale"
+    needs_data: ClassVar[bool] = True
+
+    @property
+    def exact_forward(self):
+        return False
+
+    @property
+    def exact_backward(self):
+        return False
+
+    def run(self, gm, ctx):
+        teacher = clone_graph_module(gm)  # shares the weights: only the new scale trains
+        linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default and n.args[0].target
+                      is torch.ops.aten.gelu.default)
+        hidden, weight, bias = linear.args
+        scale = nn.Parameter(1 + 0.5 * torch.rand(hidden.meta["val"].shape[-1], generator=ctx.generator()))
+        scale_node = add_parameter(gm, "scale", scale, like=linear)
+        new = replace_by_example(Match(root=linear, bindings={}, nodes=[linear]),
+                                 lambda h, s, w, b: torch.nn.functional.linear(h * s, w, b), hidden, scale_node, weight, bias)
+        linear.replace_all_uses_with(new)
+        gm.graph.erase_node(linear)
+        gm.recompile()
+        result = distill(gm, teacher, ctx.data, trainable=[scale], steps=60, lr=0.05, seed=ctx.seed, progress=False)
+        return PassResult(changes=[Change(linear.name, "", "aten.linear", "aten.linear of a scaled input")],
+                          series={"loss": result.losses})
+
+
+def test_a_pass_that_trains_leaves_the_users_model_bit_equal_and_its_new_parameter_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rewritten = optimize(model, [LearnedScale()], (torch.randn(4, 8),), data=_data(with_labels=False))
+
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items()), "the user's model changed"
+    losses = rewritten.report["learned_scale"].result.series["loss"]
+    assert losses[-1] < losses[0] / 10, "the pass did not train"
+    scale = dict(rewritten.named_parameters())["scale"]
+    assert scale.requires_grad and "scale" in rewritten.state_dict()
+    rewritten(torch.randn(4, 8)).sum().backward()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+
+    loaded = rewrite.load(rewrite.save(rewritten, tmp_path / "scaled.pt2"))
+    assert torch.equal(dict(loaded.named_parameters())["scale"], scale.detach())
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), rewritten(x))
