@@ -119,16 +119,19 @@ def memory_chart_svg(rows: list[tuple[str, int, int]]) -> str:
     return "".join(parts)
 
 
-def memory_curve_svg(before: list[int], after: list[int], budget: int | None = None) -> str:
-    """Memory over the step (x: position in the step, scaled to the same width for both
-    curves; y: bytes alive), before (grey) and after (blue), with the budget as a red line."""
-    if not before and not after:
+def curve_svg(curves: list[tuple[list[float], str, str]], *, y_text, x_label: str, label: str,
+              line: tuple[float, str] | None = None) -> str:
+    """Curves (values, colour, tooltip) over a shared x from first to last value, y from 0 to
+    the largest value (``y_text`` writes its labels), with an optional horizontal ``line``
+    (value, tooltip) in red."""
+    curves = [(values, color, title) for values, color, title in curves if values]
+    if not curves:
         return ""
     left, plot_w, plot_h, top, bottom = 80, 860, 220, 10, 30
     width, height = left + plot_w + 20, top + plot_h + bottom
-    peak = max([*before, *after, budget or 0]) or 1
+    peak = max([v for values, _, _ in curves for v in values] + [line[0] if line else 0]) or 1
 
-    def points(values: list[int]) -> str:
+    def points(values: list[float]) -> str:
         if len(values) == 1:
             values = values * 2
         step = plot_w / (len(values) - 1)
@@ -136,23 +139,44 @@ def memory_curve_svg(before: list[int], after: list[int], budget: int | None = N
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        f'role="img" aria-label="memory over the step" font-family="system-ui, sans-serif" font-size="12">',
+        f'role="img" aria-label="{_e(label)}" font-family="system-ui, sans-serif" font-size="12">',
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#8a93a6"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#8a93a6"/>',
     ]
     for fraction in (0.0, 0.5, 1.0):
         y = top + plot_h * (1 - fraction)
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#5b6478">{format_bytes(peak * fraction)}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" fill="#5b6478">position in the step (forward, then backward) →</text>')
-    if before:
-        parts.append(f'<polyline fill="none" stroke="{_BEFORE_COLOR}" stroke-width="2" points="{points(before)}"><title>before: peak {format_bytes(max(before))}</title></polyline>')
-    if after:
-        parts.append(f'<polyline fill="none" stroke="{_AFTER_COLOR}" stroke-width="2" points="{points(after)}"><title>after: peak {format_bytes(max(after))}</title></polyline>')
-    if budget:
-        y = top + plot_h * (1 - budget / peak)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#d92d20" stroke-dasharray="6 4"><title>budget {format_bytes(budget)}</title></line>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#5b6478">{_e(y_text(peak * fraction))}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" fill="#5b6478">{_e(x_label)}</text>')
+    for values, color, title in curves:
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points(values)}"><title>{_e(title)}</title></polyline>')
+    if line:
+        y = top + plot_h * (1 - line[0] / peak)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#d92d20" stroke-dasharray="6 4"><title>{_e(line[1])}</title></line>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def memory_curve_svg(before: list[int], after: list[int], budget: int | None = None) -> str:
+    """Memory over the step (x: position in the step, scaled to the same width for both
+    curves; y: bytes alive), before (grey) and after (blue), with the budget as a red line."""
+    return curve_svg(
+        [(before, _BEFORE_COLOR, f"before: peak {format_bytes(max(before or [0]))}"),
+         (after, _AFTER_COLOR, f"after: peak {format_bytes(max(after or [0]))}")],
+        y_text=format_bytes, x_label="position in the step (forward, then backward) →", label="memory over the step",
+        line=(budget, f"budget {format_bytes(budget)}") if budget else None,
+    )
+
+
+def _loss_curve(p: PassReport) -> str:
+    losses = (getattr(p.result, "series", {}) or {}).get("loss")
+    if not losses:
+        return ""
+    return (
+        f"<h3>Training loss</h3><p class='legend'><span class='muted'>{len(losses)} steps: "
+        f"{losses[0]:.4g} → {losses[-1]:.4g} (min {min(losses):.4g})</span></p>"
+        + curve_svg([(losses, _AFTER_COLOR, f"loss, last {losses[-1]:.4g}")], y_text=lambda v: f"{v:.3g}",
+                    x_label="step →", label="training loss")
+    )
 
 
 def _memory_curve(p: PassReport) -> str:
@@ -325,6 +349,7 @@ def _pass_section(p: PassReport, eager_bytes: int | None) -> str:
         f"<section><h2>pass <code>{_e(p.spec)}</code><span class='badge{approx}'>{_e(p.kind())}</span>{untested}</h2>"
         + _cards(p, eager_bytes)
         + _memory_curve(p)
+        + _loss_curve(p)
         + chart
         + _changes_table(p)
         + _kernels_section(p)

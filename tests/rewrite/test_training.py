@@ -16,6 +16,7 @@ import rewrite
 from rewrite import Change, Match, Pass, PassResult, add_parameter, optimize, replace_by_example
 from rewrite.capture import capture
 from rewrite.errors import OptionError
+from rewrite.html_report import render_html
 from rewrite.module import clone_graph_module
 from rewrite.training import activations, distill, split_batch
 
@@ -184,6 +185,8 @@ def test_a_pass_that_trains_leaves_the_users_model_bit_equal_and_its_new_paramet
     assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items()), "the user's model changed"
     losses = rewritten.report["learned_scale"].result.series["loss"]
     assert losses[-1] < losses[0] / 10, "the pass did not train"
+    page = render_html(rewritten.report)
+    assert "Training loss" in page and 'aria-label="training loss"' in page and f"{losses[-1]:.4g}" in page
     scale = dict(rewritten.named_parameters())["scale"]
     assert scale.requires_grad and "scale" in rewritten.state_dict()
     rewritten(torch.randn(4, 8)).sum().backward()
