@@ -6,7 +6,7 @@ one training step each: forward, loss = sum of the outputs, ``torch.autograd.gra
 parameters. P0 is the measured peak of the plain eager step; budget b means b * P0 bytes, the
 same bytes for every method. For every method, in one process:
 
-- peak: ``rewrite.training_graph.measure_peak`` (peak bytes of the storages the step allocates
+- peak: ``rewrite.memory.measure_peak`` (peak bytes of the storages the step allocates
   and holds at once; parameters and inputs not counted), divided by P0; "met" when <= b * P0;
 - recompute FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over the whole step, above the
   plain step's (it counts matmuls, convolutions and attention only); "+written" is the same for
@@ -69,7 +69,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import passes  # noqa: E402
 from rewrite import PassError, optimize  # noqa: E402
 from rewrite.report import format_bytes  # noqa: E402
-from rewrite.training_graph import COST_MODELS, measure_peak  # noqa: E402
+from rewrite.cost_models import COST_MODELS  # noqa: E402
+from rewrite.memory import measure_peak  # noqa: E402
+from rewrite.training_step import TRAINING_STEP  # noqa: E402
 from common import machine  # noqa: E402
 
 BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -357,7 +359,7 @@ def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_lim
     method = Method(f"ours {cost} b={budget:g}", module, "graph", budget=budget, cost=cost,
                     solve_seconds=time.perf_counter() - started)  # fmt: skip
     method.note = module.report["remat"].figures.get("solver", "")
-    partitions = module.meta["training_step"].partitions
+    partitions = module.meta[TRAINING_STEP].partitions
     method.simulated_peak = next(reversed(partitions.values())).simulated_peak
     return method
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from passes import Remat
 from rewrite import optimize, zoo
-from rewrite.training_graph import measure_peak
+from rewrite.memory import measure_peak
 
 model, (images,) = zoo.build("vit", batch=16)
 labels = torch.randint(0, 10, (16,))

@@ -1,16 +1,22 @@
-"""Activation memory, measured: the bytes of the distinct storages autograd saves for the
-backward, recorded with ``torch.autograd.graph.saved_tensors_hooks``.
+"""Memory, measured: the activations autograd saves, and the peak of the storages a function
+holds at once.
 
-A storage saved twice (a norm's output that the next linear also saves) counts once, for the
-node that saved it first. Parameters and buffers are not activations and are left out, and so
-are tensors computed from them alone (the bf16 copies of the weights autocast makes).
+Activations are the bytes of the distinct storages autograd saves for the backward, recorded
+with ``torch.autograd.graph.saved_tensors_hooks``. A storage saved twice (a norm's output
+that the next linear also saves) counts once, for the node that saved it first. Parameters
+and buffers are not activations and are left out, and so are tensors computed from them
+alone (the bf16 copies of the weights autocast makes).
+
+The peak (``measure_peak``) is what ``rewrite.liveness.liveness_profile`` simulates: on CPU
+the bytes of the storages ops create while the function runs, each counted until it dies;
+on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.graph import module_path
@@ -136,3 +143,54 @@ def run_recording_saved(
         interpreter = _AttributingInterpreter(gm, recorder, keep)
         out = interpreter.run(*flatten_inputs(gm, args, kwargs))
     return out, recorder.result, interpreter.kept  # Interpreter.run gives the outputs as the model returns them
+
+
+class _LiveStorage(TorchDispatchMode):
+    """Counts the bytes of storages created by ops while active, until each storage dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.device.type != "meta"
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not isinstance(t, FakeTensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                # a view of an input (or of a tensor that existed before) is not an allocation
+                if key and key not in self._seen and key not in inputs:
+                    self._seen.add(key)
+                    nbytes = storage.nbytes()
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+def measure_peak(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak bytes of the tensors ``fn`` allocates and holds at once (its intermediates; what
+    existed before, such as parameters and inputs, is not counted). On CUDA this is
+    ``max_memory_allocated`` above the memory in use when ``fn`` starts."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    tracker = _LiveStorage()
+    with tracker:
+        fn()
+    return tracker.peak

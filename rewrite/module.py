@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from rewrite.errors import RewriteError
 from rewrite.graph import attr_owner, module_path
+from rewrite.training_step import TRAINING_STEP
 
 aten = torch.ops.aten
 
@@ -225,7 +226,7 @@ class RewrittenModule(fx.GraphModule):
     def __call__(self, *args, **kwargs):
         # A training schedule (remat) runs training calls as its own forward/backward graphs;
         # other calls (inference, export, torch.compile) run this graph.
-        step = self.meta.get("training_step")
+        step = self.meta.get(TRAINING_STEP)
         if step is not None and self.training and step.applies(self, args, kwargs):
             return step(self, args, kwargs)
         return super().__call__(*args, **kwargs)

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from rewrite.graph import tensor_value
 from rewrite.memory import SavedActivations, record_saved, run_recording_saved
 from rewrite.state import buffers_kept, random_state_kept
+from rewrite.training_step import TRAINING_STEP
 
 # Relative error ||after - before|| / ||before|| allowed for "equal up to float rounding".
 _TOLERANCE = {
@@ -160,7 +161,7 @@ def _run(
     nodes named in ``watch`` and, with ``input_grads``, of the float inputs."""
     call_args, call_kwargs = _inputs_for_check(args, kwargs, input_grads)
     params = dict(gm.named_parameters())
-    step = getattr(gm, "meta", {}).get("training_step")
+    step = getattr(gm, "meta", {}).get(TRAINING_STEP)
     scheduled = step is not None and step.applies(gm, call_args, call_kwargs)
     if scheduled:
         step.prepare(gm, call_args, call_kwargs)  # compile before recording what is saved
@@ -208,7 +209,7 @@ def compare(before: fx.GraphModule, after: fx.GraphModule, args: tuple, kwargs: 
         for name, p in before.named_parameters()
         if p.requires_grad and after_params.get(name) is p  # the same tensor, not a folded replacement
     ]
-    input_grads = "training_step" not in getattr(after, "meta", {})
+    input_grads = TRAINING_STEP not in getattr(after, "meta", {})
     feeding, fed = _around(after.graph, changed_nodes(before.graph, after.graph)) if input_grads else ([], [])
     watched = [f"grad at {n}" for n in feeding]
 

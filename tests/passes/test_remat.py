@@ -23,7 +23,11 @@ import rewrite
 from passes import Remat
 from rewrite import PassError, optimize, zoo
 from rewrite.errors import OptionError
-from rewrite.training_graph import Partition, is_random, liveness_profile, measure_peak
+from passes.remat.lower import Partition
+from rewrite.liveness import liveness_profile
+from rewrite.memory import measure_peak
+from rewrite.node_kinds import is_random
+from rewrite.training_step import TRAINING_STEP
 from solvers.schedule import validate
 
 TIME_LIMIT = 5  # seconds per schedule; these models solve in well under one
@@ -50,7 +54,7 @@ class Planned:
 
     @property
     def step(self):
-        return self.module.meta["training_step"]
+        return self.module.meta[TRAINING_STEP]
 
     @property
     def partition(self) -> Partition:
@@ -172,7 +176,7 @@ def test_measured_peak_matches_the_simulation_when_the_output_is_as_large_as_an_
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.GELU())])
     x = torch.randn(256, 32)
     m = optimize(model, [Remat(budget=0.6, time_limit=TIME_LIMIT)], (x,), verify=False)
-    part = next(iter(m.meta["training_step"].partitions.values()))
+    part = next(iter(m.meta[TRAINING_STEP].partitions.values()))
     measured = measure_peak(lambda: _train_step_sum(m, (x,)))
     assert abs(measured - part.simulated_peak) <= 0.10 * part.simulated_peak, (measured, part.simulated_peak)
 
@@ -277,7 +281,7 @@ def test_impossible_size_budget_and_its_suggestion_works():
     assert all(p.grad is None for p in model.parameters())
     # the suggested budget is one a schedule exists for
     m = optimize(model, [Remat(budget=f"{size}B", time_limit=TIME_LIMIT)], inputs, verify=False)
-    part = next(iter(m.meta["training_step"].partitions.values()))
+    part = next(iter(m.meta[TRAINING_STEP].partitions.values()))
     assert part.simulated_peak <= size
     _assert_all_close(_grads(m, inputs), _grads(copy.deepcopy(model), inputs))
 
@@ -301,7 +305,6 @@ def test_impossible_size_budget_and_its_suggestion_works():
         pytest.param(dict(time_limit=math.nan), "0 < time_limit <= 3600", id="time_limit=nan"),
         pytest.param(dict(time_limit=math.inf), "0 < time_limit <= 3600", id="time_limit=inf"),
         pytest.param(dict(workers=-1), "0 <= workers <= 64", id="workers=-1"),
-        pytest.param(dict(solver="checkmate-ish"), "one of 'moccasin'", id="solver=other"),
         pytest.param(dict(cost="time"), "one of 'flops', 'roofline', 'measured'", id="cost=time"),
     ],
 )
@@ -325,7 +328,7 @@ def test_the_intervals_hint_stops_at_the_largest_allowed():
 
 
 def _recomputed_ops(module: nn.Module) -> set:
-    part = module.meta["training_step"].partitions
+    part = module.meta[TRAINING_STEP].partitions
     part = next(iter(part.values()))
     units = {u.name: u.node for u in part.model.units}
     return {units[name].target for name in part.recomputed}
@@ -359,7 +362,7 @@ def test_cost_measured_times_the_ops_and_plans_within_the_budget():
     module = optimize(model, [Remat(budget=budget, time_limit=TIME_LIMIT, cost="measured")], inputs, verify=False)
     figures = module.report["remat"].figures
     assert figures["cost_model"] == "measured"
-    part = next(iter(module.meta["training_step"].partitions.values()))
+    part = next(iter(module.meta[TRAINING_STEP].partitions.values()))
     costs = [d["cost"] for n, d in part.model.graph.nodes(data=True) if not n.startswith(("primals", "tangents"))]
     assert costs and all(c > 0 for c in costs)  # nanoseconds: every op takes some time
     assert part.simulated_peak <= math.floor(budget * part.plain_peak)
@@ -398,7 +401,7 @@ def test_dropout_is_reported_never_recomputed_and_gradients_match_under_the_same
     report = m.report["remat"]
     random_skips = [s for s in report.skipped if "random" in s.reason]
     assert len(random_skips) == 3 and all("dropout" in s.op for s in random_skips)
-    part = next(iter(m.meta["training_step"].partitions.values()))
+    part = next(iter(m.meta[TRAINING_STEP].partitions.values()))
     assert part.recomputed
     assert _recomputed_random_units(part) == []
     assert not any(n.meta.get("recomputed") and is_random(n) for n in part.joint.nodes)
@@ -431,7 +434,7 @@ def test_dropout_is_never_recomputed_even_when_that_is_the_cheapest_schedule():
     model = DropoutBesideALinear()
     x = torch.randn(2048, 64)
     m = optimize(model, [Remat(budget=0.9, time_limit=TIME_LIMIT)], (x,), verify=False)
-    part = next(iter(m.meta["training_step"].partitions.values()))
+    part = next(iter(m.meta[TRAINING_STEP].partitions.values()))
     assert part.recomputed
     assert _recomputed_random_units(part) == []
     _assert_all_close(_seeded_grads(m, (x,)), _seeded_grads(model, (x,)))
@@ -488,7 +491,7 @@ def test_inference_mode_recomputes_in_the_forward_graph(cost):
     model = SumOfFeatures().eval()
     x = torch.randn(512, 128)
     m = optimize(model, [Remat(graph="inference", budget=0.75, time_limit=TIME_LIMIT, cost=cost)], (x,), mode="eval")
-    assert "training_step" not in m.meta
+    assert TRAINING_STEP not in m.meta
     assert m.report["remat"].figures["cost_model"] == cost
     recomputed = [n.name for n in m.graph.nodes if n.name.endswith("_recomputed")]
     assert recomputed
@@ -553,7 +556,7 @@ def test_cli_spec_string_with_verification(capfd):
     # progress=False (the default): nothing on stderr, although verifying ran the step again
     assert capfd.readouterr().err == ""
     # verifying checks the step that was planned (the inputs as given): nothing planned twice
-    assert len(m.meta["training_step"].partitions) == 1
+    assert len(m.meta[TRAINING_STEP].partitions) == 1
 
 
 def test_deepcopy_trains_with_its_own_parameters(planned):
@@ -588,7 +591,7 @@ def test_a_call_whose_new_shape_no_schedule_fits_raises_a_rewrite_error_with_the
     # more than 500 KB even with recomputation: the call plans again, and fails to
     model, _ = _small_mlp()
     m = optimize(model, [Remat(budget="150KB", time_limit=3)], (torch.randn(64, 32),), verify=False)
-    assert next(iter(m.meta["training_step"].partitions.values())).plain_peak < 150_000
+    assert next(iter(m.meta[TRAINING_STEP].partitions.values())).plain_peak < 150_000
     with pytest.raises(rewrite.RewriteError) as caught:
         m(torch.randn(512, 32))
     assert isinstance(caught.value, PassError) and caught.value.pass_name == "remat"
@@ -703,7 +706,7 @@ def test_batch_norm_recomputed_in_the_backward_without_its_running_statistics():
     m = optimize(model, [Remat(budget=0.75, time_limit=TIME_LIMIT)], (x,))
     changes = m.report.passes[0].changes
     assert any(c.before == "aten._native_batch_norm_legit_functional" for c in changes), [c.before for c in changes]
-    part = next(iter(m.meta["training_step"].partitions.values()))
+    part = next(iter(m.meta[TRAINING_STEP].partitions.values()))
     recomputed = [n for n in part.joint.nodes if n.name.endswith("_recomputed") and n.op == "call_function"]
     assert torch.ops.aten._native_batch_norm_legit.no_stats in {n.target for n in recomputed}
     m(x).sum().backward()
@@ -712,3 +715,9 @@ def test_batch_norm_recomputed_in_the_backward_without_its_running_statistics():
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
     for got, want in zip(m.buffers(), reference.buffers()):
         torch.testing.assert_close(got, want)
+
+
+def test_remat_must_run_last_and_says_so_before_capture():
+    model, inputs = zoo.build("mlp")
+    with pytest.raises(OptionError, match="pass 'remat' must run last: it plans the memory of the training step.*move approx_bp before it"):
+        optimize(model, ["remat{budget=0.5}", "approx_bp"], inputs)

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from passes import Remat
 from rewrite import optimize
-from rewrite.training_graph import measure_peak
+from rewrite.memory import measure_peak
+from rewrite.training_step import TRAINING_STEP
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,7 +28,7 @@ def test_measured_cuda_peak_follows_the_simulation_and_gradients_are_exact():
     reference = copy.deepcopy(model)
     x = torch.randn(4096, 512, device="cuda")
     m = optimize(model, [Remat(budget=0.5, time_limit=10)], (x,), verify=False)
-    part = next(iter(m.meta["training_step"].partitions.values()))
+    part = next(iter(m.meta[TRAINING_STEP].partitions.values()))
     params = [p for p in m.parameters()]
 
     def step():

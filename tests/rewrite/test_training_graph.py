@@ -1,5 +1,7 @@
-"""rewrite.training_graph on graphs small enough to check by hand: which nodes own memory, the
-liveness simulation, writing a schedule back out as a graph, and the live-storage tracker."""
+"""The memory model on graphs small enough to check by hand: which nodes own memory
+(rewrite.liveness, rewrite.node_kinds), the liveness simulation, the cost models
+(rewrite.cost_models), writing a schedule back out as a graph and splitting the training step
+on it (passes.remat.lower), and the live-storage tracker (rewrite.memory)."""
 
 import operator
 
@@ -10,15 +12,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from rewrite import zoo
 from rewrite.capture import capture
-from rewrite.training_graph import (
-    MemoryModel,
-    ScheduledTraining,
-    is_alias,
-    is_random,
-    liveness_profile,
-    measure_peak,
-    realize,
-)
+from passes.remat.lower import ScheduledTraining, realize
+from rewrite.liveness import MemoryModel, liveness_profile
+from rewrite.memory import measure_peak
+from rewrite.node_kinds import is_alias, is_random
 from solvers.schedule import validate
 
 aten = torch.ops.aten
@@ -363,7 +360,7 @@ def costed_graph():
 
 
 def test_cost_models_price_an_op_by_its_flops_and_bytes(costed_graph):
-    from rewrite.training_graph import FLOPS_PER_BYTE
+    from rewrite.cost_models import FLOPS_PER_BYTE
 
     mm = _node(costed_graph, aten.mm.default)
     relu = _node(costed_graph, aten.relu.default)
@@ -385,7 +382,7 @@ def test_cost_models_price_an_op_by_its_flops_and_bytes(costed_graph):
 
 
 def test_measured_costs_time_what_runs_and_scale_the_roofline_for_the_rest(costed_graph):
-    from rewrite.training_graph import _measured_costs, measure_op_times
+    from rewrite.cost_models import _measured_costs, measure_op_times
 
     mm = _node(costed_graph, aten.mm.default)
     relu = _node(costed_graph, aten.relu.default)
@@ -404,7 +401,7 @@ def test_measured_costs_time_what_runs_and_scale_the_roofline_for_the_rest(coste
 
 
 def test_ops_of_one_signature_are_timed_once_and_cost_the_same():
-    from rewrite.training_graph import measure_op_times
+    from rewrite.cost_models import measure_op_times
 
     def two_equal_matmuls(x, w, v):
         return torch.mm(x, w), torch.mm(x, v), torch.mm(x.t().contiguous(), x)
@@ -423,7 +420,7 @@ def test_ops_are_timed_for_real_under_a_fake_mode():
     # without leaving it would time fake tensors (microseconds, whatever the op)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from rewrite.training_graph import measure_op_times
+    from rewrite.cost_models import measure_op_times
 
     gm = make_fx(torch.mm, tracing_mode="fake")(torch.randn(512, 512), torch.randn(512, 512))
     mm = _node(gm, aten.mm.default)
@@ -434,7 +431,7 @@ def test_ops_are_timed_for_real_under_a_fake_mode():
 
 
 def test_random_ops_are_not_timed_and_the_random_state_is_left_alone():
-    from rewrite.training_graph import measure_op_times
+    from rewrite.cost_models import measure_op_times
 
     gm = make_fx(lambda x: torch.nn.functional.dropout(x, 0.5, True) * 2, tracing_mode="fake")(torch.randn(64, 64))
     drop = next(n for n in gm.graph.nodes if is_random(n))
