@@ -358,7 +358,9 @@ def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_lim
         return method
     method = Method(f"ours {cost} b={budget:g}", module, "graph", budget=budget, cost=cost,
                     solve_seconds=time.perf_counter() - started)  # fmt: skip
-    method.note = module.report["remat"].figures.get("solver", "")
+    figures = module.report["remat"].figures
+    gap = figures.get("solver_gap_fraction")
+    method.note = f"{figures['solver']}, {figures['solve_time_seconds']:.2f} s" + (f", gap {gap:.0%} to the proved bound" if gap else "")
     partitions = module.meta[TRAINING_STEP].partitions
     method.simulated_peak = next(reversed(partitions.values())).simulated_peak
     return method

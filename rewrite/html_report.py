@@ -11,7 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from rewrite.diff import diff_rows
-from rewrite.report import PassReport, Report, format_bytes, gradient_notes
+from rewrite.report import PassReport, Report, figure_name, format_bytes, format_figure, gradient_notes
 from rewrite.serialize import atomic_write
 
 _CSS = """
@@ -257,7 +257,7 @@ def _changes_table(p: PassReport) -> str:
             f"<th>op</th><th>why</th></tr>{rows}</table>"
         )
     if p.figures:
-        rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in p.figures.items())
+        rows = "".join(f"<tr><td>{_e(figure_name(k))}</td><td>{_e(format_figure(k, v))}</td></tr>" for k, v in p.figures.items())
         parts.append(f"<h3>Figures</h3><table class='list compact'>{rows}</table>")
     return "".join(parts)
 

@@ -137,7 +137,7 @@ class PassReport:
                 where = f" [{s.where}]" if s.where else ""
                 lines.append(f"    {s.node} ({s.op}){where}: {s.reason}")
         for key, value in self.figures.items():
-            lines.append(f"  {key.replace('_', ' ')}: {value}")
+            lines.append(f"  {figure_name(key)}: {format_figure(key, value)}")
         if self.activation_bytes is not None:
             b, a = self.activation_bytes
             lines.append(f"  activation memory saved for backward: {format_change(b, a)}")
@@ -158,6 +158,33 @@ class PassReport:
                 )
             lines += [f"    {line}" for line in gradient_notes(n)]
         return "\n".join(lines)
+
+
+# A figure's unit is the end of its name; the number is formatted only where it is shown.
+_UNITS = {
+    "_bytes": lambda v: format_bytes(v),
+    "_seconds": lambda v: f"{v:.2f} s",
+    "_fraction": lambda v: f"{v:.2%}",
+    "_ratio": lambda v: f"{v:.3f}",  # kept in the name: "peak ratio" says what it is
+}
+
+
+def figure_name(key: str) -> str:
+    """'measured_peak_before_bytes' -> 'measured peak before' (the unit shows in the value)."""
+    for suffix in ("_bytes", "_seconds", "_fraction"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
+    return key.replace("_", " ")
+
+
+def format_figure(key: str, value: Any) -> str:
+    """A figure as text, by the unit its name ends with (lists element by element)."""
+    unit = next((f for suffix, f in _UNITS.items() if key.endswith(suffix)), None)
+    if unit is None or value is None or isinstance(value, str):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(unit(v) for v in value)
+    return unit(value)
 
 
 def gradient_notes(n: Numerics) -> list[str]:

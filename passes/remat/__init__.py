@@ -44,12 +44,11 @@ import torch.utils._pytree as pytree
 
 from passes.remat.lower import ScheduledTraining, realize
 from passes.remat.plan import MAX_INTERVALS, Planner, RematError, parse_size
-from passes.remat.report import downsample, list_recomputations, note_resolved, solver_text, training_report
+from passes.remat.report import downsample, list_recomputations, note_resolved, solver_figures, training_report
 from rewrite.cost_models import DEFAULT_COST
 from rewrite.liveness import MemoryModel, liveness_profile
 from rewrite.memory import measure_peak
 from rewrite.pass_infra import Pass, PassContext, PassResult, option
-from rewrite.report import format_bytes
 from rewrite.training_step import TRAINING_STEP
 
 __all__ = ["Remat", "RematError", "parse_size"]
@@ -138,9 +137,9 @@ class Remat(Pass):
         gm.meta[TRAINING_STEP] = step
         result = training_report(part, schedule, plain_peak, self.cost)
         note_resolved(result, planner.resolved)
-        result.figures["measured_peak_before"] = format_bytes(measured_before)
-        result.figures["measured_peak_after"] = format_bytes(measured_after)
-        result.figures["measured_peak_ratio"] = round(measured_after / measured_before, 3) if measured_before else None
+        result.figures["measured_peak_before_bytes"] = measured_before
+        result.figures["measured_peak_after_bytes"] = measured_after
+        result.figures["measured_peak_ratio"] = measured_after / measured_before if measured_before else None
         return result
 
     # ------------------------------------------------------------------ inference
@@ -163,14 +162,14 @@ class Remat(Pass):
         list_recomputations(result, model, intervals, None)
         result.figures.update(
             {
-                "budget": format_bytes(schedule.budget),
-                "simulated_peak_before": format_bytes(plain_peak),
-                "simulated_peak_after": format_bytes(max(part_curve, default=0)),
-                "solver": solver_text(schedule),
+                "budget_bytes": schedule.budget,
+                "simulated_peak_before_bytes": plain_peak,
+                "simulated_peak_after_bytes": max(part_curve, default=0),
+                **solver_figures(schedule),
                 "cost_model": self.cost,
                 "recomputed_tensors": len(result.changes),
-                "measured_peak_before": format_bytes(measured_before),
-                "measured_peak_after": format_bytes(measured_after),
+                "measured_peak_before_bytes": measured_before,
+                "measured_peak_after_bytes": measured_after,
             }
         )
         result.series = {

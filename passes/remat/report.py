@@ -55,19 +55,17 @@ def training_report(part: Partition, schedule, plain_peak: int, cost_model: str)
     total_flops, total_cost = model.total_flops(), model.total_cost()
     result.figures.update(
         {
-            "budget": format_bytes(schedule.budget),
-            "simulated_peak_before": format_bytes(plain_peak),
-            "simulated_peak_after": format_bytes(part.simulated_peak),
-            "solver": solver_text(schedule),
+            "budget_bytes": schedule.budget,
+            "simulated_peak_before_bytes": plain_peak,
+            "simulated_peak_after_bytes": part.simulated_peak,
+            **solver_figures(schedule),
             "cost_model": cost_model,
-            "recompute_cost": f"{schedule.objective:.4g} (bound {schedule.bound:.4g})"
-            if schedule.objective is not None
-            else "none",
+            "recompute_cost": schedule.objective,
+            "recompute_cost_bound": schedule.bound,
             "recomputed_tensors": len(result.changes),
-            "recompute_flops_overhead": f"{recomputed_flops / total_flops:.2%} of the step's matmul/conv FLOPs"
-            if total_flops
-            else "0",
-            "recompute_cost_overhead": f"{recomputed_cost / total_cost:.2%} of the step's estimated cost" if total_cost else "0",
+            # of the step's matmul/conv FLOPs, and of its estimated cost
+            "recompute_flops_overhead_fraction": recomputed_flops / total_flops if total_flops else 0.0,
+            "recompute_cost_overhead_fraction": recomputed_cost / total_cost if total_cost else 0.0,
             "saved_for_backward": len(part.saved),
         }
     )
@@ -108,18 +106,17 @@ def list_recomputations(result: PassResult, model: MemoryModel, intervals: dict,
 def note_resolved(result: PassResult, resolved: list[int]) -> None:
     """The schedules solved again, each by how much its realized step was over the budget."""
     if resolved:
-        result.figures["solved_again"] = (
-            f"{len(resolved)}x: the realized step was over the budget by " + ", ".join(format_bytes(b) for b in resolved)
-        )
+        result.figures["solved_again"] = len(resolved)
+        result.figures["realized_over_budget_bytes"] = list(resolved)
 
 
-def solver_text(schedule) -> str:
-    """'moccasin optimal, 1.2 s' or, when optimality is not proved, the gap to the bound."""
-    text = f"moccasin {schedule.status}, {schedule.seconds:.2f} s"
+def solver_figures(schedule) -> dict:
+    """The solver's status ('optimal', 'feasible', ...), its time and, when optimality is not
+    proved, the gap to the proved bound (a fraction of the cost found)."""
+    figures = {"solver": f"moccasin {schedule.status}", "solve_time_seconds": schedule.seconds}
     if schedule.status == "feasible" and schedule.objective:
-        bound = max(schedule.bound or 0.0, 0.0)
-        text += f", gap {(schedule.objective - bound) / schedule.objective:.0%} to the proved bound"
-    return text
+        figures["solver_gap_fraction"] = (schedule.objective - max(schedule.bound or 0.0, 0.0)) / schedule.objective
+    return figures
 
 
 def downsample(values: list[int], points: int = _CURVE_POINTS) -> list[int]:

@@ -523,3 +523,15 @@ def test_a_pass_that_changed_nothing_is_not_called_approximate():
     assert report["approx_bp"].kind() == "changed nothing"
     assert "approximate" not in str(report).split("\n", 2)[1]
     assert "approximate" not in report.to_dict()["passes"][0]["kind"]
+
+
+def test_figures_are_numbers_formatted_by_the_unit_their_name_ends_with():
+    from rewrite.report import figure_name, format_figure
+
+    assert figure_name("measured_peak_before_bytes") == "measured peak before"
+    assert format_figure("measured_peak_before_bytes", 65536) == "64.0 KiB"
+    assert format_figure("solve_time_seconds", 1.234) == "1.23 s" and figure_name("solve_time_seconds") == "solve time"
+    assert format_figure("measured_peak_ratio", 0.69732) == "0.697" and figure_name("measured_peak_ratio") == "measured peak ratio"
+    assert format_figure("recompute_flops_overhead_fraction", 0.1) == "10.00%"
+    assert format_figure("realized_over_budget_bytes", [1024, 2048]) == "1.0 KiB, 2.0 KiB"
+    assert format_figure("recomputed_tensors", 3) == "3" and format_figure("solver", "moccasin optimal") == "moccasin optimal"
