@@ -23,3 +23,8 @@ class Progress:
 def progress_callback(progress: bool | Callable[[str], None]) -> Callable[[str], None] | None:
     """What ``optimize(progress=...)`` reports to: True prints, a callable gets each message."""
     return Progress() if progress is True else (progress or None)
+
+
+def note(message: str) -> None:
+    """A message outside any timed run (e.g. a module planning again at call time)."""
+    print(f"[rewrite] {message}", file=sys.stderr, flush=True)

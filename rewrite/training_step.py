@@ -19,6 +19,7 @@ import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
 
 from rewrite.memory import flatten_inputs
+from rewrite.state import buffers_kept, random_state_kept
 
 TRAINING_STEP = "training_step"  # the graph module's meta key that holds its TrainingStep
 
@@ -133,14 +134,8 @@ class TrainingStep:
         the buffers restored afterwards. Returns what the partitioner chose."""
         key, compiled, flat = self._compiled_for(gm, args, kwargs)
         if key not in self.partitions:
-            buffers = [(b, b.detach().clone()) for b in gm.buffers()]
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    compiled(*flat)
-            finally:
-                with torch.no_grad():
-                    for tensor, value in buffers:
-                        tensor.copy_(value)
+            with buffers_kept(gm), random_state_kept():
+                compiled(*flat)
         return self.partitions[key]
 
     def __call__(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:

@@ -49,6 +49,8 @@ from rewrite.cost_models import DEFAULT_COST
 from rewrite.liveness import MemoryModel, liveness_profile
 from rewrite.memory import measure_peak
 from rewrite.pass_infra import Pass, PassContext, PassResult, option
+from rewrite.progress import note
+from rewrite.state import buffers_kept
 from rewrite.training_step import TRAINING_STEP
 
 __all__ = ["Remat", "RematError", "parse_size"]
@@ -111,13 +113,6 @@ class Remat(Pass):
         if not any(p.requires_grad for p in gm.parameters()):
             raise self.fail("the model has no parameter that requires grad: use graph=\"inference\" to run it in less memory")
         params = [p for p in gm.parameters() if p.requires_grad]
-        buffers = [(b, b.detach().clone()) for b in gm.buffers()]
-
-        def restore():
-            with torch.no_grad():
-                for tensor, value in buffers:
-                    tensor.copy_(value)
-
         try:
             part = step.prepare(gm, args, kwargs)  # traces, plans and compiles
         except Exception as exc:
@@ -125,15 +120,13 @@ class Remat(Pass):
             if isinstance(cause, RematError):
                 raise cause from None
             raise self.fail(f"could not trace the training step: {type(cause).__name__}: {cause}") from exc
-        try:
+        with buffers_kept(gm):  # each measured step updates batch-norm statistics
             measured_after = measure_peak(lambda: _train_step(lambda: step(gm, args, kwargs), params))
-            restore()
+        with buffers_kept(gm):
             measured_before = measure_peak(lambda: _train_step(lambda: gm(*args, **kwargs), params))
-        finally:
-            restore()
         _, schedule, plain_peak = planner.schedules[-1]
         # Later calls with other shapes are planned again; tell the user when that happens.
-        step.on_compile = _stderr_note
+        step.on_compile = note
         gm.meta[TRAINING_STEP] = step
         result = training_report(part, schedule, plain_peak, self.cost)
         note_resolved(result, planner.resolved)
@@ -198,8 +191,3 @@ def _root_cause(exc: BaseException) -> BaseException:
         seen = seen.__cause__ or seen.__context__
     return seen
 
-
-def _stderr_note(message: str) -> None:
-    import sys
-
-    print(f"[rewrite] {message}", file=sys.stderr, flush=True)
