@@ -38,6 +38,7 @@ from rewrite.graph import (
     format_shape,
     get_attr_value,
     getitem,
+    has_attr,
     is_shared_tensor,
     module_path,
     op_name,
@@ -380,7 +381,7 @@ def _fold_into_linear(gm: fx.GraphModule, lin: fx.Node, gamma: torch.Tensor | No
     prefix = weight_node.target.rsplit(".", 1)[0] + "." if "." in weight_node.target else ""
     name = prefix + "bias"
     suffix = 0
-    while _has_attr(gm, name):
+    while has_attr(gm, name):
         suffix += 1
         name = f"{prefix}bias_folded{suffix}"
     b_owner, b_leaf = attr_owner(gm, name)
@@ -394,14 +395,6 @@ def _fold_into_linear(gm: fx.GraphModule, lin: fx.Node, gamma: torch.Tensor | No
     args[2] = bias_node
     lin.args = tuple(args)
     lin.kwargs = {k: v for k, v in lin.kwargs.items() if k != "bias"}
-
-
-def _has_attr(gm: torch.nn.Module, target: str) -> bool:
-    try:
-        owner, leaf = attr_owner(gm, target)
-    except AttributeError:
-        return False
-    return hasattr(owner, leaf)
 
 
 def _drop_attribute(gm: fx.GraphModule, node: fx.Node) -> None:

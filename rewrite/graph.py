@@ -203,7 +203,7 @@ def add_parameter(gm: fx.GraphModule, name_hint: str, tensor: torch.Tensor, *, l
     ("fc.bias": attribute ``bias`` of submodule ``fc``, which must exist), or with ``_1``,
     ``_2``... appended when that is taken."""
     name, suffix = name_hint, 0
-    while _has_attr(gm, name):
+    while has_attr(gm, name):
         suffix += 1
         name = f"{name_hint}_{suffix}"
     owner, leaf = attr_owner(gm, name)
@@ -220,7 +220,8 @@ def add_parameter(gm: fx.GraphModule, name_hint: str, tensor: torch.Tensor, *, l
     return node
 
 
-def _has_attr(gm: torch.nn.Module, target: str) -> bool:
+def has_attr(gm: torch.nn.Module, target: str) -> bool:
+    """Whether ``gm`` has the attribute at the dotted path ``target`` (its submodules included)."""
     try:
         owner, leaf = attr_owner(gm, target)
     except AttributeError:
