@@ -1,16 +1,17 @@
 """approx_bp: approximate-backward activations and memory-sharing norms (Approx-BP).
 
-- GELU and SiLU (module or functional, exact or tanh GELU) become ``rewrite.regelu2`` /
-  ``rewrite.resilu2``: the forward is exactly the activation; the backward uses a step
-  derivative from 2-bit codes, so the activation keeps 2 bits per element instead of a full
-  copy of its input.
+- GELU and SiLU (module or functional, exact or tanh GELU, or written out: ``0.5 * x * (1 +
+  tanh(...))``, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, ``x * sigmoid(x)``) become
+  ``rewrite.regelu2`` / ``rewrite.resilu2``: the forward is exactly the activation; the
+  backward uses a step derivative from 2-bit codes, so the activation keeps 2 bits per element
+  instead of a full copy of its input.
 - LayerNorm and RMSNorm (``nn.LayerNorm``, ``F.layer_norm``, ``nn.RMSNorm``, ``F.rms_norm``
-  and the hand-written LLaMA/T5 RMSNorm) whose every user is a linear layer become
-  ``rewrite.ms_layer_norm`` / ``ms_rms_norm``, which save their output (the tensor the linear
-  layers save anyway) instead of their input. Their affine parameters are folded into those
-  linear layers in float64 (W' = W diag(gamma), b' = b + W beta). A norm whose output is
-  used by anything else (a dropout, an activation, the model's output) is left alone and
-  the report says why.
+  and the hand-written LLaMA/T5/Gemma RMSNorm) whose every user is a linear layer (also GPT-2's
+  ``Conv1D``: a view, then addmm) become ``rewrite.ms_layer_norm`` / ``ms_rms_norm``, which save
+  their output (the tensor the linear layers save anyway) instead of their input. Their affine
+  parameters are folded into those linear layers in float64 (W' = W diag(gamma), b' = b + W
+  beta). A norm whose output is used by anything else (a dropout, an activation, the model's
+  output) is left alone and the report says why.
 
 Exactness: outputs equal the original's up to float rounding; gradients are approximate
 when an activation was replaced (the report gives the measured error), exact otherwise.
@@ -20,114 +21,224 @@ weights (and biases) are replaced by folded copies.
 
 from __future__ import annotations
 
-import numbers
-from collections import defaultdict
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx as fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from rewrite.graph import (
-    ASSERT_METADATA,
-    attr_owner,
-    call_function,
-    erase_dead,
-    fake_mode_of,
-    format_shape,
-    get_attr_value,
-    getitem,
-    has_attr,
-    is_shared_tensor,
-    module_path,
-    op_name,
-    tensor_value,
+    drop_unused_attributes, erase_dead, fold_input_affine, format_shape, get_attr_value, is_get_attr, is_number,
+    is_shared_tensor, module_path, nodes_by_storage, op_name, replace_by_example, tensor_value, users,
+)  # fmt: skip
+from rewrite.pass_infra import Pass, PassContext, PassResult, option
+from rewrite.pattern import Match, Rule, Rules, any_of, maybe_cast, number, op, var
+
+aten, regelu2, resilu2 = torch.ops.aten, torch.ops.rewrite.regelu2.default, torch.ops.rewrite.resilu2.default
+x = var("x")
+
+
+def _mul(a, b, **kwargs):
+    return op(aten.mul.Tensor, a, b, commutative=True, **kwargs)
+
+
+def _one_plus(a, **kwargs):
+    return op(aten.add.Tensor, a, number(1.0), commutative=True, alpha=1, **kwargs)
+
+
+# -- activations ---------------------------------------------------------------------------
+
+
+def _step_activation(new_op, approximate: str | None = None):
+    """The rule function that puts ``new_op`` (exact forward, 2-bit backward) in place of an
+    activation of ``x``."""
+
+    def rewrite(m: Match):
+        problem = _activation_problem(m.root, m["x"])
+        if problem:
+            return m.skip(problem)
+        m.note(f"{format_shape(m.root)}: backward keeps 2 bits per element instead of {tensor_value(m['x']).element_size() * 8}")
+        kwargs = {"approximate": approximate or m["approximate"]} if new_op is regelu2 else {}
+        return replace_by_example(m, lambda t: new_op(t, **kwargs)[0], m["x"])
+
+    return rewrite
+
+
+def _half_x_times(factor):  # 0.5 * x * factor, associated either way
+    return any_of(_mul(_mul(x, number(0.5)), factor), _mul(number(0.5), _mul(x, factor)))
+
+
+_CUBE = any_of(op(aten.pow.Tensor_Scalar, x, 3), _mul(_mul(x, x), x))
+_SQRT_2_OVER_PI = number(math.sqrt(2 / math.pi))
+_TANH_ARGUMENT = any_of(  # sqrt(2/pi) * (x + 0.044715 x^3), or x * sqrt(2/pi) * (1 + 0.044715 x x) (HF's FastGELU)
+    _mul(_SQRT_2_OVER_PI, op(aten.add.Tensor, x, _mul(number(0.044715), _CUBE), commutative=True, alpha=1)),
+    _mul(_mul(x, _SQRT_2_OVER_PI), _one_plus(_mul(_mul(x, number(0.044715)), x))),
 )
-from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option
-from rewrite.pattern import any_of, op, var
+_ERF_ARGUMENT = any_of(op(aten.div.Tensor, x, number(math.sqrt(2))), _mul(x, number(math.sqrt(0.5))))
+_IN_PLACE = (aten.gelu_.default, aten.silu_.default)
 
-aten = torch.ops.aten
-_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-_CASTS = (aten.to.dtype, aten._to_copy.default)
-
-
-def _cast(inner):
-    """``inner``, possibly behind a dtype cast."""
-    return any_of(op(aten.to.dtype, inner, var()), op(aten._to_copy.default, inner), inner)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+GELU = Rules(
+    Rule(op((aten.gelu.default, aten.gelu_.default), x, approximate=var("approximate")), _step_activation(regelu2)),
+    Rule(_half_x_times(_one_plus(op(aten.tanh.default, _TANH_ARGUMENT))), _step_activation(regelu2, "tanh"),
+         what="0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))"),
+    Rule(_half_x_times(_one_plus(op(aten.erf.default, _ERF_ARGUMENT))), _step_activation(regelu2, "none"),
+         what="0.5 * x * (1 + erf(x / sqrt(2)))"),
+)  # fmt: skip
+SILU = Rules(
+    Rule(op((aten.silu.default, aten.silu_.default), x), _step_activation(resilu2)),
+    Rule(_mul(x, op(aten.sigmoid.default, x)), _step_activation(resilu2), what="x * sigmoid(x)"),
+)
 
 
-def _is_get_attr(value) -> bool:
-    return isinstance(value, fx.Node) and value.op == "get_attr"
-
-
-def _hand_written_rms_norm():
-    """x * rsqrt(mean(x^2, -1, keepdim) + eps) [* weight], casts allowed around x and the result."""
-    x = var("x")
-    square = any_of(
-        op(aten.pow.Tensor_Scalar, _cast(x), 2, name="square"), op(aten.mul.Tensor, _cast(x), _cast(x), name="square")
-    )
-    variance = op(aten.mean.dim, square, var("dims"), True)
-    shifted = op(aten.add.Tensor, variance, var("eps", where=_is_number), commutative=True)
-    normed = any_of(
-        op(aten.mul.Tensor, _cast(x), op(aten.rsqrt.default, shifted), commutative=True),
-        op(aten.div.Tensor, _cast(x), op(aten.sqrt.default, shifted)),
-    )
-    scaled = op(aten.mul.Tensor, var("weight", where=_is_get_attr), _cast(normed), commutative=True)
-    return any_of(scaled, _cast(normed))
-
-
-_RMS_PATTERN = _hand_written_rms_norm()
-
-
-@dataclass
-class _Norm:
-    kind: str  # "layer" or "rms"
-    root: fx.Node  # the node whose value is the norm's output
-    x: fx.Node
-    normalized_shape: list[int]
-    eps: float | None
-    weight: fx.Node | None
-    bias: fx.Node | None
-    nodes: list[fx.Node]  # every node of the norm (one for aten calls, several when hand-written)
-    problem: str | None = None  # found while matching: why it must be left alone
-    kept: list[str] = field(default_factory=list)  # inner values also used elsewhere (they stay)
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
-def _match_norm(node: fx.Node) -> _Norm | None:
-    if node.op != "call_function":
+def _activation_problem(node: fx.Node, x: fx.Node) -> str | None:
+    val = tensor_value(x) if isinstance(x, fx.Node) else None
+    if val is None or not val.is_floating_point():
+        return f"input is not a floating-point tensor ({format_shape(x) if isinstance(x, fx.Node) else type(x).__name__})"
+    if node.target not in _IN_PLACE:
         return None
-    if node.target is aten.layer_norm.default:
-        return _Norm(
-            "layer", node, node.args[0], list(node.args[1]), _arg(node, 4, "eps", 1e-5),
-            _arg(node, 2, "weight"), _arg(node, 3, "bias"), [node],
-        )  # fmt: skip
-    if node.target is aten.rms_norm.default:
-        return _Norm("rms", node, node.args[0], list(node.args[1]), _arg(node, 3, "eps"), _arg(node, 2, "weight"), None, [node])
-    m = _RMS_PATTERN.match(node)
-    if m is None:
-        return None
-    x = m["x"]
-    x_val, square = tensor_value(x), tensor_value(m["square"])
+    # The rewrite computes out of place: only right when nothing else can see the mutation.
+    if x.op in ("placeholder", "get_attr"):
+        return "in-place activation of a model input or parameter: the mutation is visible to the caller"
+    aliases = [n for n in next(g for g in nodes_by_storage(node.graph).values() if x in g) if n not in (node, x)]
+    if aliases:
+        return f"in-place activation of a tensor that shares memory with {aliases[0].name} (a view of it or its base)"
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    later = [u for u in users(x) if u is not node and order[u] > order[node]]
+    return f"in-place activation whose input is read again afterwards (by {later[0].name})" if later else None
+
+
+# -- norms ---------------------------------------------------------------------------------
+
+_GAMMA = maybe_cast(var("weight", where=is_get_attr))
+_SQUARE = any_of(op(aten.pow.Tensor_Scalar, maybe_cast(x), 2, name="square"), op(aten.mul.Tensor, maybe_cast(x), maybe_cast(x), name="square"))
+_SHIFTED = op(aten.add.Tensor, op(aten.mean.dim, _SQUARE, var("dims"), True), var("eps", where=is_number), commutative=True)
+_NORMED = any_of(_mul(maybe_cast(x), op(aten.rsqrt.default, _SHIFTED)), op(aten.div.Tensor, maybe_cast(x), op(aten.sqrt.default, _SHIFTED)))
+_SCALED = _mul(any_of(_one_plus(_GAMMA, name="one_plus"), _GAMMA), maybe_cast(_NORMED))  # Gemma scales by 1 + weight
+HAND_WRITTEN_RMS_NORM = any_of(*(op(aten.type_as.default, p, var()) for p in (_SCALED, _NORMED)), maybe_cast(_SCALED), maybe_cast(_NORMED))
+
+
+def _hand_written_rms_norm(m: Match):
+    x_val, square = tensor_value(m["x"]), tensor_value(m["square"])
     if x_val is None or square is None or list(m["dims"]) not in ([-1], [x_val.dim() - 1]):
         return None
-    norm = _Norm("rms", node, x, [int(x_val.shape[-1])], float(m["eps"]), m.get("weight"), None, m.nodes)
-    # Inner values used outside the norm stay in the graph (a cast of x alone costs nothing).
-    norm.kept = [n.name for n in m.escaping() if not (n.target in _CASTS and n.args[0] is x)]
+    if any(larger and m.root in larger.nodes for larger in map(HAND_WRITTEN_RMS_NORM.match, users(m.root))):
+        return None  # part of a larger norm (its weight, a cast): that one is the match
     if torch.promote_types(square.dtype, x_val.dtype) != square.dtype:
         # ms_rms_norm computes in at least the input's precision: the result would differ.
-        norm.problem = f"it computes in {square.dtype} on a {x_val.dtype} input; the rewrite would compute in {x_val.dtype}"
-    return norm
+        return m.skip(f"it computes in {square.dtype} on a {x_val.dtype} input; the rewrite would compute in {x_val.dtype}")
+    # Inner values used outside the norm stay in the graph (a cast of x alone costs nothing).
+    kept = [n.name for n in m.escaping() if not (n.target in _CASTS and n.args[0] is m["x"])]
+    return _share_memory(m, "rms", [int(x_val.shape[-1])], float(m["eps"]), kept)
+
+
+NORMS = Rules(
+    Rule(op(aten.layer_norm.default, x, var("shape"), weight=var("weight"), bias=var("bias"), eps=var("eps")),
+         lambda m: _share_memory(m, "layer", list(m["shape"]), m["eps"])),
+    Rule(op(aten.rms_norm.default, x, var("shape"), weight=var("weight"), eps=var("eps")),
+         lambda m: _share_memory(m, "rms", list(m["shape"]), m["eps"])),
+    Rule(HAND_WRITTEN_RMS_NORM, _hand_written_rms_norm, what="hand-written RMSNorm"),
+)  # fmt: skip
+_CASTS = (aten.to.dtype, aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+_LINEAR = any_of(  # the weight as nn.Linear stores it ([out, in], "w") or as GPT-2's Conv1D does ([in, out], "wt")
+    op(aten.linear.default, var("x"), var("w"), bias=var("b")),
+    op(aten.addmm.default, var("b"), var("x"), var("wt"), beta=1, alpha=1),
+    op((aten.mm.default, aten.matmul.default), var("x"), var("wt", where=is_get_attr)),
+)
+_ROW_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor)
+
+
+def _share_memory(m: Match, kind: str, shape: list[int], eps: float | None, kept: list[str] = ()):
+    """The memory-sharing norm in place of ``m`` (bound: x, weight, bias), its affine parameters
+    folded into the linear layers reading it; or why it must stay."""
+    gm, weight, bias = m.root.graph.owning_module, m.get("weight"), m.get("bias")
+    linears, problem = _linear_readers(m.root, m["x"])
+    problem = problem or _fold_problem(gm, shape, weight, bias, linears)
+    if problem:
+        return m.skip(problem)
+    if weight is not None or bias is not None:
+        gamma = get_attr_value(gm, weight).detach().double().reshape(-1) if weight is not None else None
+        gamma = gamma + 1 if "one_plus" in m.bindings else gamma
+        beta = get_attr_value(gm, bias) if bias is not None else None
+        for lin in linears:
+            fold_input_affine(gm, lin.root, lin.get("w", lin.get("wt")), lin.get("b"), gamma, beta, out_features_first="w" in lin.bindings)
+    names = ", ".join(sorted({module_path(lin.root) or lin.root.name for lin in linears}))
+    m.note(
+        f"saves its output, shared with {names}" + ("; affine parameters folded into them" if weight is not None or bias is not None else "")
+        + (f"; its inner values {', '.join(kept)} are used elsewhere too and stay" if kept else "")
+    )  # fmt: skip
+    ms_norm = torch.ops.rewrite.ms_layer_norm.default if kind == "layer" else torch.ops.rewrite.ms_rms_norm.default
+    return replace_by_example(m, lambda t: ms_norm(t, shape, eps)[0], m["x"])
+
+
+def _linear_readers(root: fx.Node, x: fx.Node) -> tuple[list[Match], str | None]:
+    """The linear layers reading norm ``root`` (directly or through views that keep its rows),
+    or why some reader is not one."""
+    x_val, out_val = tensor_value(x), tensor_value(root)
+    if x_val is None or not x_val.is_floating_point():
+        return [], "input is not a floating-point tensor"
+    if out_val is None or out_val.dtype != x_val.dtype:
+        return [], "its output dtype differs from its input dtype"
+    if out_val.shape != x_val.shape:
+        return [], "its weight broadcasts the output to another shape than the input's"
+    linears, pending = [], [root]
+    while pending:
+        value = pending.pop()
+        for user in users(value):
+            if user.op == "output":
+                return [], "its output is an output of the model, so it cannot drop its affine parameters"
+            if user.target in (aten.dropout.default, aten.feature_dropout.default):
+                return [], f"a dropout ({user.name}) follows it: the next layer saves the dropout's output, so there is nothing to share"
+            if user.target in _ROW_VIEWS and user.args[0] is value and _keeps_rows(user, out_val.shape[-1]):
+                pending.append(user)  # GPT-2's Conv1D: a view to 2-D, then addmm
+                continue
+            linear = _LINEAR.match(user)
+            if linear is None or linear["x"] is not value:
+                return [], f"its output is also used by {user.name} ({op_name(user)}), not only by linear layers: the memory could not be shared"
+            linears.append(linear)
+    return linears, None if linears else "its output is unused"
+
+
+def _keeps_rows(view: fx.Node, features) -> bool:
+    """Whether a view of the norm's (contiguous) output keeps each row of features whole."""
+    val = tensor_value(view)
+    if val is None or val.dim() == 0 or val.shape[-1] != features:
+        return False
+    return view.target is not aten.slice.Tensor or (view.args[1] if len(view.args) > 1 else 0) not in (-1, val.dim() - 1)
+
+
+def _fold_problem(gm: fx.GraphModule, shape: list[int], weight: fx.Node | None, bias: fx.Node | None, linears: list[Match]) -> str | None:
+    if weight is None and bias is None:
+        return None
+    if len(shape) != 1:
+        return f"it normalizes over {len(shape)} dimensions: its affine parameters cannot fold into a linear layer"
+    for param in (weight, bias):
+        if param is None:
+            continue
+        if not is_get_attr(param):
+            return "its affine parameters are computed in the graph, not stored parameters"
+        if is_shared_tensor(gm, param):
+            return f"its parameter {param.target} is shared with other layers"
+        size = tuple(get_attr_value(gm, param).shape)
+        if size[-1:] not in ((shape[0],), (1,)) or any(n != 1 for n in size[:-1]):
+            return f"its parameter {param.target} has shape {list(size)}, not one value per feature"
+    gamma_trainable = weight is not None and get_attr_value(gm, weight).requires_grad
+    beta_trainable = bias is not None and get_attr_value(gm, bias).requires_grad
+    for linear in linears:
+        name, lin_weight, lin_bias = linear.root.name, linear.get("w", linear.get("wt")), linear.get("b")
+        if any(p is not None and (not is_get_attr(p) or is_shared_tensor(gm, p)) for p in (lin_weight, lin_bias)):
+            return f"linear {name}'s parameters are shared (tied) or computed, so folding would change their other users"
+        # Folded parameters train like the linear's: a trainable gamma/beta must not land in a frozen one.
+        if (gamma_trainable or beta_trainable) and not get_attr_value(gm, lin_weight).requires_grad:
+            return f"its affine parameters are trainable but linear {name}'s weight is frozen: folding would freeze them"
+        if beta_trainable and lin_bias is not None and not get_attr_value(gm, lin_bias).requires_grad:
+            return f"its bias is trainable but linear {name}'s bias is frozen: folding would freeze it"
+        if bias is not None and lin_bias is None and linear.root.target is not aten.linear.default:
+            return f"linear {name} ({op_name(linear.root)}) has no bias to take the norm's beta"
+    return None
+
+
+# -- the pass ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -135,12 +246,10 @@ class ApproxBP(Pass):
     """Approx-BP: GELU/SiLU with 2-bit approximate backward, LayerNorm/RMSNorm that share memory with the next linear."""
 
     name: ClassVar[str] = "approx_bp"
-    gelu: bool = option(True, "replace GELU (exact and tanh form) by ReGELU2: exact forward, 2-bit step-derivative backward")
-    silu: bool = option(True, "replace SiLU by ReSiLU2: exact forward, 2-bit step-derivative backward")
+    gelu: bool = option(True, "replace GELU (exact and tanh form, also written out) by ReGELU2: exact forward, 2-bit step-derivative backward")
+    silu: bool = option(True, "replace SiLU (also x * sigmoid(x)) by ReSiLU2: exact forward, 2-bit step-derivative backward")
     norms: bool = option(
-        True,
-        "replace LayerNorm/RMSNorm whose users are all linear layers by memory-sharing versions, "
-        "folding gamma/beta into those layers",
+        True, "replace LayerNorm/RMSNorm whose users are all linear layers by memory-sharing versions, folding gamma/beta into those layers"
     )
 
     @property
@@ -157,249 +266,23 @@ class ApproxBP(Pass):
             raise self.fail(f"reported {', '.join(sorted(remaining))} as replaced, but they are still in the graph")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        activations = self._activations(gm, result)
-        norms, folded = self._norms(gm, result) if self.norms else (0, 0)
+        rules = sum((table for on, table in ((self.gelu, GELU), (self.silu, SILU), (self.norms, NORMS)) if on), Rules())
+        read = [n for n in gm.graph.find_nodes(op="get_attr") if users(n)]
+        params = dict(gm.named_parameters(remove_duplicate=False))
+        result = rules.apply(gm)
+        # A replaced in-place activation has effects, so the driver left it; nothing reads it.
+        changed = {c.node for c in result.changes}
+        erase_dead(gm.graph, [n for n in gm.graph.nodes if n.target in _IN_PLACE and n.name in changed])
+        drop_unused_attributes(gm, read)  # the folded norms' gamma and beta
+        gm.recompile()
         result.figures = {
-            "activations replaced": activations,
-            "norms replaced": norms,
-            "linear layers folded into": folded,
+            "activations replaced": sum(c.after in ("rewrite.regelu2", "rewrite.resilu2") for c in result.changes),
+            "norms replaced": sum(c.after.startswith("rewrite.ms_") for c in result.changes),
+            "linear layers folded into": sum(_folded_into(gm, lin, params) for lin in map(_LINEAR.match, gm.graph.nodes) if lin),
         }
         return result
 
-    # -- activations -----------------------------------------------------------------------
 
-    def _activation_op(self, node: fx.Node):
-        if node.op != "call_function":
-            return None
-        if self.gelu and node.target in (aten.gelu.default, aten.gelu_.default):
-            return torch.ops.rewrite.regelu2.default
-        if self.silu and node.target in (aten.silu.default, aten.silu_.default):
-            return torch.ops.rewrite.resilu2.default
-        return None
-
-    def _activations(self, gm: fx.GraphModule, result: PassResult) -> int:
-        graph = gm.graph
-        # Decide on every activation before changing the graph, so that each decision sees
-        # the graph as captured.
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        sharing = _nodes_by_storage(graph)
-        plan = []
-        for node in graph.nodes:
-            new_op = self._activation_op(node)
-            if new_op is None:
-                continue
-            problem = _activation_problem(node, order, sharing)
-            if problem:
-                result.skipped.append(Skip(node.name, module_path(node), op_name(node), problem))
-            else:
-                plan.append((node, new_op))
-        for node, new_op in plan:
-            x = node.args[0]
-            approximate = _arg(node, 1, "approximate", "none")
-            kwargs = {"approximate": approximate} if new_op is torch.ops.rewrite.regelu2.default else {}
-            short = new_op._schema.name.split("::")[1]
-            with graph.inserting_before(node):
-                fused = call_function(graph, new_op, (x,), kwargs, like=node, name=short)
-                out = getitem(graph, fused, 0, name=f"{short}_out")
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
-            bits = tensor_value(x).element_size() * 8
-            result.changes.append(
-                Change(
-                    node.name, module_path(node), op_name(node), f"rewrite.{short}",
-                    f"{format_shape(out)}: backward keeps 2 bits per element instead of {bits}",
-                )
-            )  # fmt: skip
-        return len(plan)
-
-    # -- norms -----------------------------------------------------------------------------
-
-    def _norms(self, gm: fx.GraphModule, result: PassResult) -> tuple[int, int]:
-        # Longest match first: scanning backwards, a hand-written RMSNorm is matched at its
-        # weight multiplication before its inner nodes could be taken for a norm of their own.
-        claimed: set[fx.Node] = set()
-        found: list[_Norm] = []
-        for node in reversed(gm.graph.nodes):
-            if node in claimed:
-                continue
-            norm = _match_norm(node)
-            if norm is not None:
-                claimed.update(norm.nodes)
-                found.append(norm)
-        replaced = folded = 0
-        for norm in reversed(found):
-            problem = self._norm_problem(gm, norm)
-            if problem:
-                result.skipped.append(Skip(norm.root.name, module_path(norm.root), _norm_op_name(norm), problem))
-                continue
-            linears = _users(norm.root)
-            self._replace_norm(gm, norm, linears)
-            replaced += 1
-            folded += len(linears) if (norm.weight is not None or norm.bias is not None) else 0
-            names = ", ".join(sorted({module_path(lin) or lin.name for lin in linears}))
-            detail = f"saves its output, shared with {names}"
-            if norm.weight is not None or norm.bias is not None:
-                detail += "; affine parameters folded into them"
-            if norm.kept:
-                detail += f"; its inner values {', '.join(norm.kept)} are used elsewhere too and stay"
-            result.changes.append(
-                Change(norm.root.name, module_path(norm.root), _norm_op_name(norm), f"rewrite.ms_{norm.kind}_norm", detail)
-            )
-        return replaced, folded
-
-    def _norm_problem(self, gm: fx.GraphModule, norm: _Norm) -> str | None:
-        if norm.problem:
-            return norm.problem
-        x_val = tensor_value(norm.x)
-        out_val = tensor_value(norm.root)
-        if x_val is None or x_val.dtype not in _FLOAT_TYPES:
-            return "input is not a floating-point tensor"
-        if out_val is None or out_val.dtype != x_val.dtype:
-            return "its output dtype differs from its input dtype"
-        if out_val.shape != x_val.shape:
-            return "its weight broadcasts the output to another shape than the input's"
-        users = _users(norm.root)
-        for user in users:
-            if user.op == "output":
-                return "its output is an output of the model, so it cannot drop its affine parameters"
-            if user.target in (aten.dropout.default, aten.feature_dropout.default):
-                return f"a dropout ({user.name}) follows it: the next layer saves the dropout's output, so there is nothing to share"
-            if user.target is not aten.linear.default or user.args[0] is not norm.root:
-                return f"its output is also used by {user.name} ({op_name(user)}), not only by linear layers: the memory could not be shared"
-        if not users:
-            return "its output is unused"
-        if norm.weight is None and norm.bias is None:
-            return None
-        if len(norm.normalized_shape) != 1:
-            return f"it normalizes over {len(norm.normalized_shape)} dimensions: its affine parameters cannot fold into a linear layer"
-        features = norm.normalized_shape[0]
-        for param in (norm.weight, norm.bias):
-            if param is None:
-                continue
-            if not _is_get_attr(param):
-                return "its affine parameters are computed in the graph, not stored parameters"
-            if is_shared_tensor(gm, param):
-                return f"its parameter {param.target} is shared with other layers"
-            shape = tuple(get_attr_value(gm, param).shape)
-            if shape[-1:] not in ((features,), (1,)) or any(size != 1 for size in shape[:-1]):
-                return f"its parameter {param.target} has shape {list(shape)}, not one value per feature"
-        gamma_trainable = norm.weight is not None and get_attr_value(gm, norm.weight).requires_grad
-        beta_trainable = norm.bias is not None and get_attr_value(gm, norm.bias).requires_grad
-        for lin in users:
-            weight = lin.args[1]
-            bias = _arg(lin, 2, "bias")
-            for param in (weight, bias):
-                if param is None:
-                    continue
-                if not _is_get_attr(param) or is_shared_tensor(gm, param):
-                    return f"linear {lin.name}'s parameters are shared (tied) or computed, so folding would change their other users"
-            # Folded parameters train like the linear's: a trainable gamma/beta must not land in a frozen one.
-            if (gamma_trainable or beta_trainable) and not get_attr_value(gm, weight).requires_grad:
-                return f"its affine parameters are trainable but linear {lin.name}'s weight is frozen: folding would freeze them"
-            if beta_trainable and bias is not None and not get_attr_value(gm, bias).requires_grad:
-                return f"its bias is trainable but linear {lin.name}'s bias is frozen: folding would freeze it"
-        return None
-
-    def _replace_norm(self, gm: fx.GraphModule, norm: _Norm, linears: list[fx.Node]) -> None:
-        graph = gm.graph
-        if norm.weight is not None or norm.bias is not None:
-            gamma = get_attr_value(gm, norm.weight).detach().double().reshape(-1) if norm.weight is not None else None
-            beta = get_attr_value(gm, norm.bias) if norm.bias is not None else None
-            for lin in linears:
-                _fold_into_linear(gm, lin, gamma, beta)
-        target = torch.ops.rewrite.ms_layer_norm.default if norm.kind == "layer" else torch.ops.rewrite.ms_rms_norm.default
-        with graph.inserting_before(norm.root):
-            fused = call_function(graph, target, (norm.x, norm.normalized_shape, norm.eps), like=norm.root, name=f"ms_{norm.kind}_norm")
-            out = getitem(graph, fused, 0, name=f"ms_{norm.kind}_norm_out")
-        norm.root.replace_all_uses_with(out)
-        erase_dead(graph, norm.nodes)
-        for param in (norm.weight, norm.bias):
-            if param is not None and not param.users:
-                _drop_attribute(gm, param)
-
-
-def _norm_op_name(norm: _Norm) -> str:
-    if len(norm.nodes) == 1:
-        return op_name(norm.root)
-    return "hand-written RMSNorm"
-
-
-def _nodes_by_storage(graph: fx.Graph) -> dict:
-    """Nodes grouped by the (fake) storage their tensor lives in: views share one."""
-    groups: dict = defaultdict(list)
-    for node in graph.nodes:
-        val = tensor_value(node)
-        if val is not None:
-            groups[StorageWeakRef(val.untyped_storage())].append(node)
-    return groups
-
-
-def _activation_problem(node: fx.Node, order: dict, sharing: dict) -> str | None:
-    x = node.args[0]
-    val = tensor_value(x) if isinstance(x, fx.Node) else None
-    if val is None or val.dtype not in _FLOAT_TYPES:
-        return f"input is not a floating-point tensor ({format_shape(x) if isinstance(x, fx.Node) else type(x).__name__})"
-    if node.target not in (aten.gelu_.default, aten.silu_.default):
-        return None
-    # The rewrite computes out of place: only right when nothing else can see the mutation.
-    if x.op in ("placeholder", "get_attr"):
-        return "in-place activation of a model input or parameter: the mutation is visible to the caller"
-    aliases = [n for n in sharing[StorageWeakRef(val.untyped_storage())] if n is not node and n is not x]
-    if aliases:
-        return f"in-place activation of a tensor that shares memory with {aliases[0].name} (a view of it or its base)"
-    later = [u for u in x.users if u is not node and order[u] > order[node] and u.target is not ASSERT_METADATA]
-    if later:
-        return f"in-place activation whose input is read again afterwards (by {later[0].name})"
-    return None
-
-
-def _users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u.target is not ASSERT_METADATA]
-
-
-def _fold_into_linear(gm: fx.GraphModule, lin: fx.Node, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> None:
-    """Fold y*gamma + beta into linear ``lin`` (computed in float64, stored in its dtype):
-    W' = W diag(gamma), b' = b + W beta. ``beta`` is the norm's bias parameter itself."""
-    weight_node = lin.args[1]
-    bias_node = _arg(lin, 2, "bias")
-    weight = get_attr_value(gm, weight_node)
-    w64 = weight.detach().double()
-    if gamma is not None:
-        owner, leaf = attr_owner(gm, weight_node.target)
-        setattr(owner, leaf, torch.nn.Parameter((w64 * gamma[None, :]).to(weight.dtype), requires_grad=weight.requires_grad))
-    if beta is None:
-        return
-    shift = w64 @ beta.detach().double().reshape(-1).expand(w64.shape[1])
-    if bias_node is not None:
-        bias = get_attr_value(gm, bias_node)
-        b_owner, b_leaf = attr_owner(gm, bias_node.target)
-        new_bias = bias.detach().double() + shift
-        setattr(b_owner, b_leaf, torch.nn.Parameter(new_bias.to(bias.dtype), requires_grad=bias.requires_grad))
-        return
-    # The linear had no bias: give it one, named after its weight, trainable as beta was.
-    prefix = weight_node.target.rsplit(".", 1)[0] + "." if "." in weight_node.target else ""
-    name = prefix + "bias"
-    suffix = 0
-    while has_attr(gm, name):
-        suffix += 1
-        name = f"{prefix}bias_folded{suffix}"
-    b_owner, b_leaf = attr_owner(gm, name)
-    new_bias = torch.nn.Parameter(shift.to(weight.dtype), requires_grad=beta.requires_grad)
-    b_owner.register_parameter(b_leaf, new_bias)
-    with gm.graph.inserting_before(lin):
-        bias_node = gm.graph.get_attr(name)
-    fake_mode = fake_mode_of(gm)
-    bias_node.meta["val"] = fake_mode.from_tensor(new_bias) if fake_mode is not None else new_bias
-    args = list(lin.args) + [None] * (3 - len(lin.args))
-    args[2] = bias_node
-    lin.args = tuple(args)
-    lin.kwargs = {k: v for k, v in lin.kwargs.items() if k != "bias"}
-
-
-def _drop_attribute(gm: fx.GraphModule, node: fx.Node) -> None:
-    target = node.target
-    gm.graph.erase_node(node)
-    if not any(n.target == target for n in gm.graph.find_nodes(op="get_attr")):
-        owner, leaf = attr_owner(gm, target)
-        delattr(owner, leaf)
+def _folded_into(gm: fx.GraphModule, linear: Match, params_before: dict) -> bool:
+    """Whether the fold replaced (or added) the linear layer's weight or bias."""
+    return any(is_get_attr(p) and params_before.get(p.target) is not get_attr_value(gm, p) for p in (linear.get("w", linear.get("wt")), linear.get("b")))

@@ -14,7 +14,9 @@ evaluated at the example inputs the graph was captured with.
 
 from __future__ import annotations
 
+import numbers
 import operator
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
 
 # torch.export's checks of a value's dtype/device: no output, no effect on the computation.
@@ -47,6 +50,32 @@ def tensor_value(node: fx.Node) -> torch.Tensor | None:
     """The (fake) tensor a node produces, or None when it produces something else."""
     val = node.meta.get("val")
     return val if isinstance(val, torch.Tensor) else None
+
+
+def users(node: fx.Node) -> list[fx.Node]:
+    """Readers of the node's value; torch.export's dtype/shape assertions read nothing."""
+    return [u for u in node.users if u.target is not ASSERT_METADATA]
+
+
+def is_get_attr(value: Any) -> bool:
+    """Whether ``value`` is a node reading a parameter, buffer or constant of the module."""
+    return isinstance(value, fx.Node) and value.op == "get_attr"
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number literal (an int or float argument, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def nodes_by_storage(graph: fx.Graph) -> dict[StorageWeakRef, list[fx.Node]]:
+    """Tensor nodes grouped by the (fake) storage their value lives in: a view and its base
+    share one, so an in-place op on one of them is seen by all of the group."""
+    groups: dict = defaultdict(list)
+    for node in graph.nodes:
+        val = tensor_value(node)
+        if val is not None:
+            groups[StorageWeakRef(val.untyped_storage())].append(node)
+    return groups
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -245,10 +274,77 @@ def get_attr_value(gm: torch.nn.Module, node: fx.Node) -> Any:
     return getattr(owner, leaf)
 
 
+def set_attr_value(gm: torch.nn.Module, node: fx.Node, value: Any) -> None:
+    """Put ``value`` (a new ``nn.Parameter``, a tensor) where get_attr ``node`` reads: every
+    reader of that attribute then reads the new value. The node's ``meta["val"]`` is kept, so
+    the value should have the old one's shape and dtype."""
+    if node.op != "get_attr":
+        raise ValueError(f"node {node.name} is not a get_attr node")
+    owner, leaf = attr_owner(gm, node.target)
+    setattr(owner, leaf, value)
+
+
+def fold_input_affine(
+    gm: fx.GraphModule,
+    linear: fx.Node,
+    weight: fx.Node,
+    bias: fx.Node | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    *,
+    out_features_first: bool = True,
+) -> None:
+    """Make linear layer ``linear`` (weight and bias read by get_attr nodes ``weight``, ``bias``)
+    compute on ``x`` what it computed on ``x * scale + shift``: W' = W diag(scale), b' = b + W
+    shift, computed in float64 and stored in the parameters' dtype as new parameters, trainable
+    as the old ones were. ``scale``/``shift`` hold one value per input feature (or one for
+    all); the weight is [out, in] (``nn.Linear``) or, with ``out_features_first=False``, [in,
+    out] (GPT-2's ``Conv1D``, an addmm). A linear without bias gets one named after its weight,
+    trainable as ``shift`` is (an ``aten.linear`` node only: others need a bias already)."""
+    old = get_attr_value(gm, weight)
+    w64 = old.detach().double()
+    if scale is not None:
+        scale = scale.detach().double().reshape(-1)
+        scaled = w64 * (scale[None, :] if out_features_first else scale[:, None])
+        set_attr_value(gm, weight, torch.nn.Parameter(scaled.to(old.dtype), requires_grad=old.requires_grad))
+    if shift is None:
+        return
+    shift64 = shift.detach().double().reshape(-1).expand(w64.shape[1 if out_features_first else 0])
+    offset = w64 @ shift64 if out_features_first else shift64 @ w64
+    if bias is not None:
+        old_bias = get_attr_value(gm, bias)
+        new_bias = (old_bias.detach().double() + offset).to(old_bias.dtype)
+        set_attr_value(gm, bias, torch.nn.Parameter(new_bias, requires_grad=old_bias.requires_grad))
+        return
+    if linear.target is not torch.ops.aten.linear.default:
+        raise ValueError(f"{linear.name} ({op_name(linear)}) has no bias to add the shift to")
+    prefix = weight.target.rsplit(".", 1)[0] + "." if "." in weight.target else ""
+    new_bias = torch.nn.Parameter(offset.to(old.dtype), requires_grad=shift.requires_grad)
+    linear.args = (linear.args[0], weight, add_parameter(gm, prefix + "bias", new_bias, like=linear))
+    linear.kwargs = {k: v for k, v in linear.kwargs.items() if k != "bias"}
+
+
+def drop_unused_attributes(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[str]:
+    """Erase those of the get_attr ``nodes`` that nothing reads any more (metadata assertions
+    aside) and delete their attributes from ``gm`` where no other node reads them: the
+    parameters a rewrite made unused leave the module. Returns the attributes deleted."""
+    dropped = []
+    for node in list(nodes):
+        if node.graph is not gm.graph or node not in gm.graph.nodes or users(node):
+            continue
+        target = node.target
+        erase_dead(gm.graph, [node])
+        if not any(n.target == target for n in gm.graph.find_nodes(op="get_attr")):
+            owner, leaf = attr_owner(gm, target)
+            delattr(owner, leaf)
+            dropped.append(target)
+    return dropped
+
+
 def is_shared_tensor(gm: torch.nn.Module, node: fx.Node) -> bool:
     """True when the tensor behind get_attr ``node`` is read by any other node, or is the
     same object as another parameter/buffer (tied weights)."""
-    if len(node.users) != 1:
+    if len(users(node)) != 1:
         return True
     value = get_attr_value(gm, node)
     others = 0

@@ -11,6 +11,7 @@ a pass is a table of rules over them, run by one driver.
     attention = op(aten.scaled_dot_product_attention.default, var("q"), var("k"), var("v"),
                    is_causal=var("causal"), scale=var("scale"), one_user=True)
     maybe_cast(op(aten.softmax, var("s")))       # softmax, or softmax then a dtype-only cast
+    op(aten.mul, var("x"), number(0.5))          # a constant, within float rounding of 0.5
 
 Matching: a name bound twice must bind the same value both times, so ``x`` above is one
 tensor. ``Op`` matches a call_function node whose target is one of its targets (an
@@ -22,21 +23,25 @@ the rule. ``one_user=True`` asks that nothing else reads the node (metadata asse
 
 Rules: ``Rule(pattern, fn)``; ``fn(match)`` returns the node that replaces the match's root
 (usually from ``rewrite.graph.replace_by_example``), ``match.skip(reason)`` to leave it alone
-with a reason the report shows, or None to let the next rule try. ``Rules(...)`` tables
-compose with ``+``; ``Rules.apply`` is the driver (see there).
+with a reason the report shows, or None to let the next rule try; ``match.note(text)`` adds
+a detail the report shows with the change. ``Rules(...)`` tables compose with ``+``;
+``Rules.apply`` is the driver (see there).
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from rewrite.graph import ASSERT_METADATA, describe_value, module_path, op_name
+from rewrite.graph import describe_value, is_number, module_path, op_name
+from rewrite.graph import users as _users
 from rewrite.pass_infra import Change, PassResult, Skip
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -115,11 +120,6 @@ class Op(Pattern):
     def _calls_target(self, node: fx.Node) -> bool:
         packet = getattr(node.target, "overloadpacket", None)
         return any(t is node.target or (packet is not None and t is packet) for t in self.targets)
-
-
-def _users(node: fx.Node) -> list[fx.Node]:
-    """Readers of the node's value; torch.export's dtype/shape assertions read nothing."""
-    return [u for u in node.users if u.target is not ASSERT_METADATA]
 
 
 def _argument(node: fx.Node, index: int | None, name: str | None) -> Any:
@@ -209,6 +209,12 @@ def var(name: str | None = None, where=None) -> Var:
     return Var(name, where)
 
 
+def number(value: float, rel_tol: float = 1e-6) -> Var:
+    """A number literal within ``rel_tol`` of ``value``: constants written out in a formula
+    (``math.sqrt(2 / math.pi)``, or ``0.7978845608`` typed by hand) match either way."""
+    return Var(None, lambda v: is_number(v) and math.isclose(v, value, rel_tol=rel_tol))
+
+
 def any_of(*options: Pattern) -> AnyOf:
     return AnyOf(tuple(options))
 
@@ -246,6 +252,7 @@ class Match:
     root: fx.Node
     bindings: dict[str, Any]
     nodes: list[fx.Node] = field(default_factory=list)
+    detail: str = ""  # what the report says about the change, beyond before -> after
 
     def __getitem__(self, name: str) -> Any:
         return self.bindings[name]
@@ -259,6 +266,11 @@ class Match:
         inside = set(self.nodes)
         return [n for n in self.nodes if n is not self.root and any(u not in inside for u in _users(n))]
 
+    def note(self, detail: str) -> None:
+        """Say more about the change this match makes ("saves 2 bits per element"); the
+        report shows it with the change."""
+        self.detail = detail
+
     def skip(self, reason: str) -> Skip:
         """What a rule returns to leave this match alone; the report shows ``reason`` with the node."""
         return Skip(self.root.name, module_path(self.root), op_name(self.root), reason)
@@ -269,7 +281,8 @@ class Rule:
     """A pattern and the function that rewrites a match of it: ``rewrite(match)`` returns the
     node that replaces the match's root, ``match.skip(reason)``, or None (the next rule tries).
     ``what`` names what the pattern matches ("x * sigmoid(x)"): the report shows each change as
-    ``what -> replacement's op``; without it, as the root's op."""
+    ``what -> replacement's op`` (the op a getitem takes its item of), and skips as ``what``;
+    without it, as the root's op."""
 
     pattern: Pattern
     rewrite: Callable[[Match], fx.Node | Skip | None]
@@ -328,15 +341,17 @@ class Rules:
                 if outcome is None:
                     continue
                 if isinstance(outcome, Skip):
+                    outcome = replace(outcome, op=rule.what) if rule.what else outcome
                     skipped.setdefault((outcome.node, outcome.reason), outcome)
                 else:
-                    changes.append(_replace(node, outcome, rule))
+                    changes.append(_replace(m, outcome, rule))
                     erased |= _erase_dead(gm.graph, node)
                 break
         return changes
 
 
-def _replace(root: fx.Node, new: Any, rule: Rule) -> Change:
+def _replace(match: Match, new: Any, rule: Rule) -> Change:
+    root = match.root
     what = rule.what or op_name(root)
     if not isinstance(new, fx.Node):
         raise TypeError(
@@ -348,7 +363,8 @@ def _replace(root: fx.Node, new: Any, rule: Rule) -> Change:
             f"the rule for {what} would replace {root.name} ({old_value}) by {new.name} ({new_value or 'no meta[val]'})"
         )
     root.replace_all_uses_with(new)
-    return Change(root.name, module_path(root), what, op_name(new))
+    source = new.args[0] if new.target is operator.getitem and isinstance(new.args[0], fx.Node) else new
+    return Change(root.name, module_path(root), what, op_name(source), match.detail)
 
 
 def _erase_dead(graph: fx.Graph, root: fx.Node) -> set[fx.Node]:

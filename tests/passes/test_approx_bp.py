@@ -2,6 +2,7 @@
 every way of writing the ops found, the norms it must leave alone left alone, with reasons."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -424,3 +425,82 @@ def test_folding_keeps_what_trains():
 def test_options_given_as_objects_are_checked():
     with pytest.raises(rewrite.OptionError, match="option norms='false' must be bool"):
         ApproxBP(norms="false")
+
+
+class WrittenOut(nn.Module):
+    """GELU and SiLU as Hugging Face's activations write them out."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        new_gelu = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+        python_tanh = h * 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+        fast_gelu = 0.5 * h * (1.0 + torch.tanh(h * 0.7978845608 * (1.0 + 0.044715 * h * h)))
+        erf_gelu = h * 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0)))
+        swish = h * torch.sigmoid(h)
+        quick_gelu = h * torch.sigmoid(1.702 * h)  # not GELU: left alone
+        return torch.stack([new_gelu, python_tanh, fast_gelu, erf_gelu, swish, quick_gelu])
+
+
+def test_written_out_gelu_and_silu_are_replaced():
+    model, x = WrittenOut(), torch.randn(4, 8)
+    rewritten = optimize(model, ["approx_bp"], (x,))
+    report = rewritten.report["approx_bp"]
+    assert _count(rewritten, "rewrite.regelu2") == 4 and _count(rewritten, "rewrite.resilu2") == 1
+    assert _count(rewritten, "aten.tanh") == 0 and _count(rewritten, "aten.erf") == 0 and _count(rewritten, "aten.pow") == 0
+    assert _count(rewritten, "aten.sigmoid") == 1  # quick GELU's
+    assert report.figures["activations replaced"] == 5 and report.numerics.forward_within_rounding
+    assert {c.before for c in report.changes} == {
+        "0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))", "0.5 * x * (1 + erf(x / sqrt(2)))", "x * sigmoid(x)"
+    }
+    assert rel_error(rewritten(x), model(x)) < 1e-6
+
+
+def _hf_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_gpt2_written_out_gelu_and_conv1d_norms():
+    # Before: nothing (its GELU is written out; its norms feed Conv1D, a view then addmm).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0, use_cache=False
+    )
+    model = transformers.GPT2LMHeadModel(config).train()
+    rewritten = optimize(model, ["approx_bp"], (_hf_ids(),))
+    report = rewritten.report["approx_bp"]
+    assert report.figures == {"activations replaced": 2, "norms replaced": 4, "linear layers folded into": 4}
+    assert _count(rewritten, "aten.tanh") == 0 and _count(rewritten, "ms_layer_norm") == 4
+    (skip,) = report.skipped  # ln_f feeds the LM head, tied to the embedding
+    assert skip.where == "transformer.ln_f" and "shared (tied)" in skip.reason
+    assert report.numerics.forward_within_rounding
+    names = {n for n, _ in rewritten.named_parameters()}
+    assert "transformer.h.0.ln_1.weight" not in names and "transformer.ln_f.weight" in names
+
+
+def test_gemma_rms_norm_scaled_by_one_plus_weight():
+    # Before: its 2 GELUs only (its RMSNorm scales by 1 + weight).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, use_cache=False,
+    )  # fmt: skip
+    model = transformers.GemmaForCausalLM(config).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)  # Gemma initialises them to 0: make 1 + w differ from 1 and from w
+    rewritten = optimize(model, ["approx_bp"], (_hf_ids(),))
+    report = rewritten.report["approx_bp"]
+    assert report.figures == {"activations replaced": 2, "norms replaced": 4, "linear layers folded into": 10}
+    assert _count(rewritten, "ms_rms_norm") == 4 and _count(rewritten, "rsqrt") == 1  # model.norm feeds the tied head
+    (skip,) = report.skipped
+    assert skip.where == "model.norm" and "shared (tied)" in skip.reason
+    assert report.numerics.forward_within_rounding
+    ids = _hf_ids()
+    assert rel_error(rewritten(ids).logits, model(ids).logits) < 1e-5
