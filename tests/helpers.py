@@ -3,6 +3,8 @@ builders with non-trivial norm parameters, and small comparison utilities."""
 
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -113,3 +115,21 @@ class RebuildGelu(Pass):
                 gm.graph.erase_node(node)
                 result.changes.append(Change(node.name, "", "aten.gelu", "aten.gelu"))
         return result
+
+
+def views_and_a_two_output_op(x, w):
+    y = torch.mm(x, w)  # 4x5 float32: 80 bytes
+    t = y.t()  # a view of y: an output, so y lasts to the end
+    first, _ = torch.split(y, 2, dim=0)  # views of y
+    z = first * 2  # 2x5: 40 bytes
+    values, indices = torch.max(t, dim=1)  # two outputs: 5 float32 (20 bytes), 5 int64 (40 bytes)
+    out = values + z.sum()  # sum: 4 bytes; out: 20 bytes
+    return out, t, indices
+
+
+def node_of(gm, target, index=None):
+    found = [n for n in gm.graph.nodes if n.target is target]
+    if index is not None:
+        found = [n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0] is found[0] and n.args[1] == index]
+    assert len(found) == 1, (target, index, found)
+    return found[0]

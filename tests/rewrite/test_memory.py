@@ -1,14 +1,17 @@
 """Activation memory, measured from what autograd saves: each storage once, for the node that
-saved it first; parameters and buffers are not activations; grouped by module on request."""
+saved it first; parameters and buffers are not activations; grouped by module on request. And
+the live-storage tracker's peak (measure_peak)."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from rewrite.capture import capture
-from rewrite.memory import SavedActivations, flatten_inputs, record_saved, run_recording_saved
+from rewrite.memory import SavedActivations, flatten_inputs, measure_peak, record_saved, run_recording_saved
 
 F32 = 4
+
+MiB = 2**20
 
 
 class Scaled(nn.Module):
@@ -162,3 +165,37 @@ def test_copies_of_the_weights_are_not_activations():
     with torch.autocast("cpu", dtype=torch.bfloat16), record_saved(layer) as saved:
         layer(x)
     assert saved.total_bytes == x.numel() * 2
+
+
+# --------------------------------------------------------------------------- measure_peak
+
+
+def test_measure_peak_of_known_allocations():
+    def free_then_allocate():
+        a = torch.empty(4 * MiB, dtype=torch.uint8)
+        del a
+        b = torch.empty(8 * MiB, dtype=torch.uint8)
+        del b
+
+    def hold_then_allocate():
+        a = torch.empty(MiB, dtype=torch.float32)  # 4 MiB
+        b = torch.empty(2 * MiB, dtype=torch.float32)  # 8 MiB, while a is alive
+        return a, b
+
+    assert measure_peak(free_then_allocate) == 8 * MiB
+    assert measure_peak(hold_then_allocate) == 12 * MiB
+
+
+def test_measure_peak_ignores_views_in_place_ops_and_what_existed_before():
+    existing = torch.zeros(MiB, dtype=torch.float32)
+
+    def fn():
+        v = existing.view(-1, 16)  # a view: no allocation
+        existing.add_(1)  # in place: no allocation
+        v.t()
+        c = existing * 2  # 4 MiB
+        c.mul_(3)
+        del c
+        return torch.ones(MiB // 2, dtype=torch.float32)  # 2 MiB
+
+    assert measure_peak(fn) == 4 * MiB
