@@ -17,23 +17,39 @@ Exactness: outputs equal the original's up to float rounding; gradients are appr
 when an activation was replaced (the report gives the measured error), exact otherwise.
 Folding changes the parameters: the norm's gamma/beta disappear and the linear layers'
 weights (and biases) are replaced by folded copies.
+
+Quality guard (``min_cosine``): the step derivative's error compounds with depth (49 SiLUs
+can leave a gradient cosine near 0.1). After the rules ran, the whole-model gradient cosine
+against the graph before is measured on the example inputs (``rewrite.verify.compare``, the
+final check's random projection). Below ``min_cosine``, one forward + backward of the graph
+before ranks the replaced activations by the relative error their step derivative puts into
+the gradient at their input per byte they save; a bisection, each step measured, finds how
+few of the worst need their exact backward for the cosine to reach ``min_cosine``. Those are
+left alone and the report says why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from rewrite.graph import (
     drop_unused_attributes, erase_dead, fold_input_affine, format_shape, get_attr_value, is_get_attr, is_number,
     is_shared_tensor, module_path, nodes_by_storage, op_name, replace_by_example, tensor_value, users,
 )  # fmt: skip
+from rewrite.memory import run_recording_saved
+from rewrite.module import clone_graph_module
 from rewrite.pass_infra import Pass, PassContext, PassResult, option
 from rewrite.pattern import Match, Rule, Rules, any_of, maybe_cast, number, op, var
+from rewrite.state import buffers_kept, random_state_kept
+from rewrite.verify import Numerics, compare
 
 aten, regelu2, resilu2 = torch.ops.aten, torch.ops.rewrite.regelu2.default, torch.ops.rewrite.resilu2.default
 x = var("x")
@@ -52,16 +68,24 @@ def _one_plus(a, **kwargs):
 
 def _step_activation(new_op, approximate: str | None = None):
     """The rule function that puts ``new_op`` (exact forward, 2-bit backward) in place of an
-    activation of ``x``."""
+    activation of ``x``; its ``step(match)`` gives x, the replacement and the exact activation
+    (functions of x)."""
+
+    def step(m: Match):
+        if new_op is regelu2:
+            form = approximate or m["approximate"]
+            return m["x"], lambda t: regelu2(t, approximate=form)[0], lambda t: aten.gelu.default(t, approximate=form)
+        return m["x"], lambda t: new_op(t)[0], aten.silu.default
 
     def rewrite(m: Match):
         problem = _activation_problem(m.root, m["x"])
         if problem:
             return m.skip(problem)
         m.note(f"{format_shape(m.root)}: backward keeps 2 bits per element instead of {tensor_value(m['x']).element_size() * 8}")
-        kwargs = {"approximate": approximate or m["approximate"]} if new_op is regelu2 else {}
-        return replace_by_example(m, lambda t: new_op(t, **kwargs)[0], m["x"])
+        x, replacement, _ = step(m)
+        return replace_by_example(m, replacement, x)
 
+    rewrite.step = step
     return rewrite
 
 
@@ -77,6 +101,7 @@ _TANH_ARGUMENT = any_of(  # sqrt(2/pi) * (x + 0.044715 x^3), or x * sqrt(2/pi) *
 )
 _ERF_ARGUMENT = any_of(op(aten.div.Tensor, x, number(math.sqrt(2))), _mul(x, number(math.sqrt(0.5))))
 _IN_PLACE = (aten.gelu_.default, aten.silu_.default)
+_STEP_OPS = ("rewrite.regelu2", "rewrite.resilu2")
 
 GELU = Rules(
     Rule(op((aten.gelu.default, aten.gelu_.default), x, approximate=var("approximate")), _step_activation(regelu2)),
@@ -251,6 +276,13 @@ class ApproxBP(Pass):
     norms: bool = option(
         True, "replace LayerNorm/RMSNorm whose users are all linear layers by memory-sharing versions, folding gamma/beta into those layers"
     )
+    min_cosine: float = option(
+        0.9,
+        "keep exact backward for the activations whose gradient error per byte saved is largest until the whole-model "
+        "gradient cosine on the example inputs is at least this (the error compounds with depth); 0 turns the guard off",
+        ge=0,
+        le=1,
+    )
 
     @property
     def exact_backward(self) -> bool:
@@ -266,21 +298,138 @@ class ApproxBP(Pass):
             raise self.fail(f"reported {', '.join(sorted(remaining))} as replaced, but they are still in the graph")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        rules = sum((table for on, table in ((self.gelu, GELU), (self.silu, SILU), (self.norms, NORMS)) if on), Rules())
-        read = [n for n in gm.graph.find_nodes(op="get_attr") if users(n)]
+        guard = _Guard(self, clone_graph_module(gm), ctx) if self.min_cosine > 0 and (self.gelu or self.silu) else None
+        kept = guard.kept_exact() if guard else {}
         params = dict(gm.named_parameters(remove_duplicate=False))
+        result = self._rewrite(gm, kept)
+        result.figures = {
+            "activations replaced": sum(c.after in _STEP_OPS for c in result.changes),
+            "norms replaced": sum(c.after.startswith("rewrite.ms_") for c in result.changes),
+            "linear layers folded into": sum(_folded_into(gm, lin, params) for lin in map(_LINEAR.match, gm.graph.nodes) if lin),
+        }
+        if guard and guard.before is not None:
+            result.figures.update(
+                {"gradient_cosine_before_guard": guard.before, "gradient_cosine": guard.after, "activations kept exact": len(kept)}
+            )
+        return result
+
+    def _rewrite(self, gm: fx.GraphModule, kept_exact: Mapping[str, str] = {}) -> PassResult:
+        """The rules on ``gm``, in place; the activations named in ``kept_exact`` are left alone
+        with the reason given there."""
+        read = [n for n in gm.graph.find_nodes(op="get_attr") if users(n)]
+        tables = ((self.gelu, _keeping_exact(GELU, kept_exact)), (self.silu, _keeping_exact(SILU, kept_exact)), (self.norms, NORMS))
+        rules = sum((table for on, table in tables if on), Rules())
         result = rules.apply(gm)
         # A replaced in-place activation has effects, so the driver left it; nothing reads it.
         changed = {c.node for c in result.changes}
         erase_dead(gm.graph, [n for n in gm.graph.nodes if n.target in _IN_PLACE and n.name in changed])
         drop_unused_attributes(gm, read)  # the folded norms' gamma and beta
         gm.recompile()
-        result.figures = {
-            "activations replaced": sum(c.after in ("rewrite.regelu2", "rewrite.resilu2") for c in result.changes),
-            "norms replaced": sum(c.after.startswith("rewrite.ms_") for c in result.changes),
-            "linear layers folded into": sum(_folded_into(gm, lin, params) for lin in map(_LINEAR.match, gm.graph.nodes) if lin),
-        }
         return result
+
+
+def _keeping_exact(rules: Rules, kept_exact: Mapping[str, str]) -> Rules:
+    """``rules``, except that the activations named in ``kept_exact`` are left alone, with the reason given there."""
+
+    def leaving(rewrite):
+        return lambda m: m.skip(kept_exact[m.root.name]) if m.root.name in kept_exact else rewrite(m)
+
+    return Rules(*(dataclasses.replace(rule, rewrite=leaving(rule.rewrite)) for rule in rules.rules)) if kept_exact else rules
+
+
+class _Guard:
+    """Which replaced activations keep their exact backward so that the whole-model gradient
+    cosine (against ``original``, on the example inputs, as the final check measures it)
+    reaches ``min_cosine``. Runs: one comparison of the full rewrite; where it falls short,
+    one forward + backward of ``original`` that ranks the activations by the error their step
+    derivative puts into the gradient at their input (under the exact gradient from above)
+    per byte they save, then a bisection over how many of the worst to keep exact, each
+    candidate compared (about log2(n) + 1 comparisons). A comparison runs forward + backward
+    of both graphs."""
+
+    def __init__(self, p: ApproxBP, original: fx.GraphModule, ctx: PassContext):
+        self.p, self.original, self.ctx = p, original, ctx
+        self.before: float | None = None  # gradient cosine with every activation replaced
+        self.after: float | None = None  # with the guard's choice
+
+    def _compare(self, kept_exact: Mapping[str, str] = {}) -> tuple[Numerics, PassResult]:
+        trial = clone_graph_module(self.original)
+        result = self.p._rewrite(trial, kept_exact)
+        return compare(self.original, trial, self.ctx.example_args, self.ctx.example_kwargs), result
+
+    def kept_exact(self) -> dict[str, str]:
+        """Node name -> why it keeps its exact backward."""
+        numerics, result = self._compare()
+        replaced = [c.node for c in result.changes if c.after in _STEP_OPS]
+        self.before = self.after = numerics.grad_cosine
+        if not replaced or self.before is None or self.before >= self.p.min_cosine:
+            return {}
+        ranked = self._rank(replaced)
+        cosines = {0: self.before}  # number of the worst kept exact -> gradient cosine
+
+        def cosine(k: int) -> float:
+            if k not in cosines:
+                cosines[k] = self._compare(dict.fromkeys(name for name, *_ in ranked[:k]))[0].grad_cosine or 0.0
+            return cosines[k]
+
+        low, high = 0, len(ranked)  # below min_cosine with `low` kept exact; every one exact meets it
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if cosine(middle) >= self.p.min_cosine else (middle, high)
+        self.after = cosine(high)
+        fewer = f"with the {low} worst kept exact" if low else "with every activation approximate"
+        return {
+            name: f"kept exact backward: {fewer} the gradient cosine is {cosines[low]:.3g} < min_cosine {self.p.min_cosine:g}, "
+            f"with these {high} it is {self.after:.3g}; its step derivative has the {_ordinal(rank)} largest error per byte "
+            f"saved of the {len(ranked)} replaced (relative error {error:.3g} in the gradient at its input, {saved} bytes saved)"
+            for rank, (name, error, saved, _) in enumerate(ranked[:high], 1)
+        }
+
+    def _rank(self, replaced: list[str]) -> list[tuple[str, float, int, float]]:
+        """(name, relative error of the gradient at its input, bytes saved, error per byte saved),
+        largest error per byte first: one forward + backward of the original graph under the
+        final check's random projection of the outputs; at each activation, the gradient from
+        above goes through the exact and the step derivative."""
+        nodes = {n.name: n for n in self.original.graph.nodes}
+        steps = {name: _step_of(nodes[name]) for name in replaced}
+        keep = {*replaced, *(x.name for x, *_ in steps.values())}
+        inputs = (self.ctx.example_args, self.ctx.example_kwargs)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone().requires_grad_(t.is_floating_point()), inputs)
+        with buffers_kept(self.original), random_state_kept():
+            torch.manual_seed(0)  # as compare runs them: the same dropout masks
+            out, _, values = run_recording_saved(self.original, args, kwargs, keep)
+        generator = torch.Generator().manual_seed(1)
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        loss = sum((t.double() * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device)).sum() for t in outs)
+        reached = [name for name in replaced if values[name].requires_grad]
+        from_above = dict.fromkeys(replaced)
+        if outs and reached:
+            from_above.update(zip(reached, torch.autograd.grad(loss, [values[n] for n in reached], allow_unused=True)))
+        ranked = []
+        for name in replaced:
+            x_node, step, exact_activation = steps[name]
+            # (An in-place one's input is seen after the mutation: a rough rank; the bisection measures.)
+            x, g = values[x_node.name].detach().requires_grad_(), from_above[name]
+            saved = x.numel() * x.element_size() - math.ceil(x.numel() / 4)  # its input, kept as 2-bit codes
+            error = 0.0
+            if g is not None:
+                exact = torch.autograd.grad(exact_activation(x), x, g)[0].double()
+                error = ((exact - torch.autograd.grad(step(x), x, g)[0].double()).norm() / exact.norm().clamp_min(1e-300)).item()
+            ranked.append((name, error, saved, math.inf if saved <= 0 else error / saved))
+        return sorted(ranked, key=lambda r: -r[3])
+
+
+def _step_of(node: fx.Node):
+    """(x, replacement, exact activation) of the activation ``node`` the rules replace."""
+    for rule in (GELU + SILU).rules:
+        m = rule.pattern.match(node)
+        if m is not None:
+            return rule.rewrite.step(m)
+    raise ValueError(f"{node.name} is no activation the rules replace")
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _folded_into(gm: fx.GraphModule, linear: Match, params_before: dict) -> bool:

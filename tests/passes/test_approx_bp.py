@@ -26,6 +26,14 @@ def _count(module, name: str) -> int:
     return sum(name in t for t in _ops(module))
 
 
+_COUNTS = ("activations replaced", "norms replaced", "linear layers folded into")
+
+
+def _counts(report) -> dict:
+    """The report's counts of what was replaced (without the quality guard's figures)."""
+    return {k: v for k, v in report.figures.items() if k in _COUNTS}
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -125,7 +133,7 @@ class Activations(nn.Module):
 def test_every_spelling_of_gelu_and_silu_is_replaced():
     model = Activations()
     x = torch.randn(4, 8)
-    rewritten = optimize(model, ["approx_bp"], (x,))
+    rewritten = optimize(model, [ApproxBP(min_cosine=0)], (x,))  # about matching: the guard is tested below
     assert _count(rewritten, "aten.gelu") == 0 and _count(rewritten, "aten.silu") == 0
     assert _count(rewritten, "rewrite.regelu2") == 4 and _count(rewritten, "rewrite.resilu2") == 4
     torch.testing.assert_close(rewritten(x), model(x))
@@ -286,7 +294,10 @@ def test_report_states_what_it_measured():
     report = rewritten.report["approx_bp"]
     assert report.kind() == "exact forward, approximate backward"
     assert 0 < report.numerics.grad_rel_error < 1 and 0 < report.numerics.grad_cosine <= 1
-    assert report.figures == {"activations replaced": 2, "norms replaced": 5, "linear layers folded into": 11}
+    assert _counts(report) == {"activations replaced": 2, "norms replaced": 5, "linear layers folded into": 11}
+    # The quality guard measured what the final check measures, and kept nothing exact.
+    assert report.figures["gradient_cosine"] == report.figures["gradient_cosine_before_guard"] == report.numerics.grad_cosine
+    assert report.figures["activations kept exact"] == 0
     text = str(rewritten.report)
     assert "gradients: relative error" in text and "activation memory saved for backward" in text
     assert "final" not in text
@@ -339,9 +350,11 @@ def test_activation_and_in_place_activation_of_one_tensor():
             return a + F.silu(h, inplace=True)
 
     model, x = M(), torch.randn(4, 8)
-    rewritten = optimize(model, ["approx_bp"], (x,))
+    rewritten = optimize(model, [ApproxBP(min_cosine=0)], (x,))  # about the in-place rewrite: the guard is tested below
     assert [c.after for c in rewritten.report["approx_bp"].changes] == ["rewrite.regelu2", "rewrite.resilu2"]
     torch.testing.assert_close(rewritten(x), model(x))
+    guarded = optimize(model, ["approx_bp"], (x,))  # the guard trips here: an in-place one kept exact is still right
+    torch.testing.assert_close(guarded(x), model(x))
 
 
 class ScaledRMS(nn.Module):
@@ -447,7 +460,7 @@ class WrittenOut(nn.Module):
 
 def test_written_out_gelu_and_silu_are_replaced():
     model, x = WrittenOut(), torch.randn(4, 8)
-    rewritten = optimize(model, ["approx_bp"], (x,))
+    rewritten = optimize(model, [ApproxBP(min_cosine=0)], (x,))  # about matching: the guard is tested below
     report = rewritten.report["approx_bp"]
     assert _count(rewritten, "rewrite.regelu2") == 4 and _count(rewritten, "rewrite.resilu2") == 1
     assert _count(rewritten, "aten.tanh") == 0 and _count(rewritten, "aten.erf") == 0 and _count(rewritten, "aten.pow") == 0
@@ -473,7 +486,7 @@ def test_gpt2_written_out_gelu_and_conv1d_norms():
     model = transformers.GPT2LMHeadModel(config).train()
     rewritten = optimize(model, ["approx_bp"], (_hf_ids(),))
     report = rewritten.report["approx_bp"]
-    assert report.figures == {"activations replaced": 2, "norms replaced": 4, "linear layers folded into": 4}
+    assert _counts(report) == {"activations replaced": 2, "norms replaced": 4, "linear layers folded into": 4}
     assert _count(rewritten, "aten.tanh") == 0 and _count(rewritten, "ms_layer_norm") == 4
     (skip,) = report.skipped  # ln_f feeds the LM head, tied to the embedding
     assert skip.where == "transformer.ln_f" and "shared (tied)" in skip.reason
@@ -497,10 +510,131 @@ def test_gemma_rms_norm_scaled_by_one_plus_weight():
                 param.uniform_(-0.5, 0.5)  # Gemma initialises them to 0: make 1 + w differ from 1 and from w
     rewritten = optimize(model, ["approx_bp"], (_hf_ids(),))
     report = rewritten.report["approx_bp"]
-    assert report.figures == {"activations replaced": 2, "norms replaced": 4, "linear layers folded into": 10}
+    assert _counts(report) == {"activations replaced": 2, "norms replaced": 4, "linear layers folded into": 10}
     assert _count(rewritten, "ms_rms_norm") == 4 and _count(rewritten, "rsqrt") == 1  # model.norm feeds the tied head
     (skip,) = report.skipped
     assert skip.where == "model.norm" and "shared (tied)" in skip.reason
     assert report.numerics.forward_within_rounding
     ids = _hf_ids()
     assert rel_error(rewritten(ids).logits, model(ids).logits) < 1e-5
+
+
+# -- quality guard (min_cosine) ------------------------------------------------------------
+
+
+class DeepSiLU(nn.Module):
+    """A 30-layer SiLU MLP, normalised before each SiLU (so its inputs sit where the step
+    derivative errs most, as after BatchNorm): the error compounds layer after layer."""
+
+    def __init__(self, width=16, depth=30):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))  # feed a SiLU: left alone
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        for layer, norm in zip(self.layers, self.norms):
+            x = F.silu(norm(layer(x)))
+        return self.head(x)
+
+
+def _deep_silu():
+    torch.manual_seed(0)
+    return DeepSiLU(), torch.randn(8, 16)
+
+
+def test_unguarded_deep_silu_network_loses_the_gradient():
+    # What the guard is for: without it the gradient cosine falls below 0.9.
+    model, x = _deep_silu()
+    report = optimize(model, [ApproxBP(min_cosine=0)], (x,)).report["approx_bp"]
+    assert report.figures["activations replaced"] == 30 and "gradient_cosine" not in report.figures
+    assert report.numerics.grad_cosine < 0.9
+
+
+def test_guard_keeps_the_worst_activations_exact_until_the_gradient_cosine_is_reached():
+    model, x = _deep_silu()
+    unguarded = optimize(model, [ApproxBP(min_cosine=0)], (x,)).report["approx_bp"]
+    report = optimize(model, ["approx_bp"], (x,)).report["approx_bp"]
+    figures = report.figures
+    assert report.numerics.grad_cosine >= 0.9 and figures["gradient_cosine"] == report.numerics.grad_cosine
+    assert figures["gradient_cosine_before_guard"] == unguarded.numerics.grad_cosine < 0.9
+    kept = figures["activations kept exact"]
+    assert 0 < kept < 30 and figures["activations replaced"] == 30 - kept
+    skips = [s for s in report.skipped if s.reason.startswith("kept exact backward")]
+    assert len(skips) == kept and all("< min_cosine 0.9" in s.reason and "error per byte" in s.reason for s in skips)
+    assert {s.node for s in skips}.isdisjoint(c.node for c in report.changes)
+    b, a = report.activation_bytes
+    assert a < b and a > unguarded.activation_bytes[1]  # still saves memory, less than unguarded
+
+
+def test_guard_at_one_keeps_every_activation_exact():
+    model, x = _deep_silu()
+    report = optimize(model, [ApproxBP(min_cosine=1.0)], (x,)).report["approx_bp"]
+    assert report.figures["activations replaced"] == 0 and report.figures["activations kept exact"] == 30
+    assert report.numerics.grad_cosine > 1 - 1e-9
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, math.nan])
+def test_bad_min_cosine_is_refused(value):
+    with pytest.raises(rewrite.OptionError, match="min_cosine"):
+        ApproxBP(min_cosine=value)
+    with pytest.raises(rewrite.OptionError, match="min_cosine"):
+        optimize(*_deep_silu()[:1], [f"approx_bp{{min_cosine={value}}}"], (_deep_silu()[1],))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels, reduced):
+        super().__init__()
+        self.reduce, self.expand, self.act = nn.Conv2d(channels, reduced, 1), nn.Conv2d(reduced, channels, 1), nn.SiLU()
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class MBConv(nn.Module):
+    def __init__(self, cin, cout, expand, stride, kernel):
+        super().__init__()
+        mid = cin * expand
+        layers = [] if expand == 1 else [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.SiLU()]
+        layers += [
+            nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.SiLU(),
+            SqueezeExcite(mid, max(1, cin // 4)), nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        ]  # fmt: skip
+        self.body, self.residual = nn.Sequential(*layers), stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class EfficientNetB0Like(nn.Module):
+    """EfficientNet-B0's 16 MBConv blocks (expand, channels, repeats, stride, kernel per
+    stage), channels a quarter of B0's: 49 SiLUs."""
+
+    STAGES = [(1, 4, 1, 1, 3), (6, 6, 2, 2, 3), (6, 10, 2, 2, 5), (6, 20, 3, 2, 3), (6, 28, 3, 1, 5), (6, 48, 4, 2, 5), (6, 80, 1, 1, 3)]
+
+    def __init__(self, classes=10):
+        super().__init__()
+        blocks, cin = [nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU()], 8
+        for expand, cout, repeats, stride, kernel in self.STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, expand, stride if i == 0 else 1, kernel))
+                cin = cout
+        blocks += [nn.Conv2d(cin, 320, 1, bias=False), nn.BatchNorm2d(320), nn.SiLU()]
+        self.features, self.head = nn.Sequential(*blocks), nn.Linear(320, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_guard_on_an_efficientnet_b0_like_model():
+    # Unguarded, its 49 SiLUs leave a gradient cosine of 0.06; guarded, 0.92 with 3 of them
+    # approximate (activation memory: 24% saved unguarded, 8% guarded).
+    torch.manual_seed(0)
+    model, x = EfficientNetB0Like().train(), torch.randn(4, 3, 32, 32)
+    report = optimize(model, ["approx_bp"], (x,)).report["approx_bp"]
+    figures = report.figures
+    assert figures["gradient_cosine_before_guard"] < 0.9 <= report.numerics.grad_cosine == figures["gradient_cosine"]
+    kept = figures["activations kept exact"]
+    assert 0 < kept < 49 and figures["activations replaced"] == 49 - kept
+    b, a = report.activation_bytes
+    assert a < b

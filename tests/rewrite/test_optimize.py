@@ -341,7 +341,7 @@ def test_passes_by_spec_and_object(given):
     m = optimize(model, given, (x,))
     entry = m.report["approx_bp"]
     assert entry.spec == "approx_bp{norms=false}"
-    assert entry.options == {"gelu": True, "silu": True, "norms": False}
+    assert entry.options == {"gelu": True, "silu": True, "norms": False, "min_cosine": 0.9}
     targets = {n.target for n in m.graph.nodes}
     assert aten.layer_norm.default in targets and torch.ops.rewrite.regelu2.default in targets
     assert m.norm.weight is model.norm.weight and m.fc1.weight is model.fc1.weight  # nothing folded

@@ -115,8 +115,8 @@ def test_two_passes_with_their_options():
 def test_whitespace_and_several_options():
     passes = parse_pipeline("  approx_bp { gelu = false , silu=0 } ,  approx_bp{} ")
     assert [p.options_dict() for p in passes] == [
-        {"gelu": False, "silu": False, "norms": True},
-        {"gelu": True, "silu": True, "norms": True},
+        {"gelu": False, "silu": False, "norms": True, "min_cosine": 0.9},
+        {"gelu": True, "silu": True, "norms": True, "min_cosine": 0.9},
     ]
 
 

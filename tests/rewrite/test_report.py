@@ -214,7 +214,7 @@ def test_report_to_dict_is_json(mlp_rewrite):
     assert data["model"] == "MLP" and data["mode"] == "train" and data["dynamic_inputs"] == ["x"]
     (p,) = data["passes"]
     assert p["name"] == "approx_bp" and p["spec"] == "approx_bp"
-    assert p["options"] == {"gelu": True, "silu": True, "norms": True}
+    assert p["options"] == {"gelu": True, "silu": True, "norms": True, "min_cosine": 0.9}
     assert p["kind"] == "exact forward, approximate backward"
     assert {c["after"] for c in p["changes"]} == {"rewrite.regelu2", "rewrite.ms_layer_norm"}
     assert set(p["changes"][0]) == {"node", "where", "before", "after", "detail"}
