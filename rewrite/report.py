@@ -180,6 +180,8 @@ def figure_name(key: str) -> str:
 def format_figure(key: str, value: Any) -> str:
     """A figure as text, by the unit its name ends with (lists element by element)."""
     unit = next((f for suffix, f in _UNITS.items() if key.endswith(suffix)), None)
+    if unit is None and isinstance(value, float):
+        return f"{value:.5g}"  # a plain number: as many digits as a reader can use
     if unit is None or value is None or isinstance(value, str):
         return str(value)
     if isinstance(value, (list, tuple)):

@@ -534,4 +534,5 @@ def test_figures_are_numbers_formatted_by_the_unit_their_name_ends_with():
     assert format_figure("measured_peak_ratio", 0.69732) == "0.697" and figure_name("measured_peak_ratio") == "measured peak ratio"
     assert format_figure("recompute_flops_overhead_fraction", 0.1) == "10.00%"
     assert format_figure("realized_over_budget_bytes", [1024, 2048]) == "1.0 KiB, 2.0 KiB"
+    assert format_figure("gradient_cosine", 0.9989332411020533) == "0.99893"
     assert format_figure("recomputed_tensors", 3) == "3" and format_figure("solver", "moccasin optimal") == "moccasin optimal"
