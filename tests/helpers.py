@@ -133,3 +133,16 @@ def node_of(gm, target, index=None):
         found = [n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0] is found[0] and n.args[1] == index]
     assert len(found) == 1, (target, index, found)
     return found[0]
+
+
+@dataclass(frozen=True)
+class ApproximatePass(Pass):
+    """Base of the tests' passes that declare approximate outputs and gradients."""
+
+    @property
+    def exact_forward(self):
+        return False
+
+    @property
+    def exact_backward(self):
+        return False

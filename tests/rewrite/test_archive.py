@@ -77,6 +77,11 @@ def _edit_json(parts, name, edit):
     parts[name] = json.dumps(value).encode()
 
 
+def _in_program(edit):
+    """A craft that edits the program's JSON (models/model.json) with ``edit(program)``."""
+    return lambda parts: _edit_json(parts, MODEL_JSON, edit)
+
+
 def _torch_save_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -225,46 +230,34 @@ def _script_object_constant(parts):
     _edit_json(parts, CONSTANTS_CONFIG, edit)
 
 
-def _call_target(parts):
-    def edit(program):
-        program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
-
-    _edit_json(parts, MODEL_JSON, edit)
+@_in_program
+def _call_target(program):
+    program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
 
 
-def _node_name(parts):
-    def edit(program):
-        program["graph_module"]["graph"]["nodes"][0]["outputs"][0]["as_tensor"]["name"] = "a; print('x')"
-
-    _edit_json(parts, MODEL_JSON, edit)
+@_in_program
+def _node_name(program):
+    program["graph_module"]["graph"]["nodes"][0]["outputs"][0]["as_tensor"]["name"] = "a; print('x')"
 
 
-def _string_input(parts):
-    def edit(program):
-        program["graph_module"]["graph"]["inputs"].append({"as_string": "a'); print('x"})
-
-    _edit_json(parts, MODEL_JSON, edit)
+@_in_program
+def _string_input(program):
+    program["graph_module"]["graph"]["inputs"].append({"as_string": "a'); print('x"})
 
 
-def _class_as_target(parts):
-    def edit(program):
-        program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.__class__"
-
-    _edit_json(parts, MODEL_JSON, edit)
+@_in_program
+def _class_as_target(program):
+    program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.__class__"
 
 
-def _power_in_guard(parts):
-    def edit(program):
-        program["guards_code"] = ["L['x'].size()[0] ** 10**10**10 == 1"]
-
-    _edit_json(parts, MODEL_JSON, edit)
+@_in_program
+def _power_in_guard(program):
+    program["guards_code"] = ["L['x'].size()[0] ** 10**10**10 == 1"]
 
 
-def _long_string_in_guard(parts):
-    def edit(program):
-        program["guards_code"] = ["L['x'].size()[0] == ('a' * 100000000000 == 'b')"]
-
-    _edit_json(parts, MODEL_JSON, edit)
+@_in_program
+def _long_string_in_guard(program):
+    program["guards_code"] = ["L['x'].size()[0] == ('a' * 100000000000 == 'b')"]
 
 
 def _meta_device(parts):

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rewrite import Change, OptionError, Pass, PassContext, PassError, PassManager, PassResult, optimize, option
+from rewrite import OptionError, Pass, PassContext, PassError, PassManager, PassResult, optimize, option
 from rewrite.capture import capture
 from rewrite.graph import call_function
 from rewrite.module import clone_graph_module
 from rewrite.verify import _error, compare, tolerance
-from helpers import RebuildGelu
+from helpers import ApproximatePass, RebuildGelu
 
 aten = torch.ops.aten
 
@@ -143,18 +143,10 @@ class NoMetadata(Pass):
 
 
 @dataclass(frozen=True)
-class DoubleFirstWeight(Pass):
+class DoubleFirstWeight(ApproximatePass):
     """Replaces fc1's weight by a doubled copy (approximate, obviously)."""
 
     name: ClassVar[str] = "double_first_weight"
-
-    @property
-    def exact_forward(self):
-        return False
-
-    @property
-    def exact_backward(self):
-        return False
 
     def run(self, gm, ctx):
         gm.fc1.weight = nn.Parameter(gm.fc1.weight.detach() * 2)
