@@ -15,7 +15,7 @@ from rewrite.graph import add_parameter, replace_by_example
 from rewrite.module import RewrittenModule
 from rewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, option, pass_names, register_pass
 from rewrite.pass_manager import PassManager
-from rewrite.pattern import Match, Rule, Rules, any_of, maybe_cast, op, var
+from rewrite.pattern import Match, Rule, Rules, any_of, maybe_cast, number, op, var
 from rewrite.regions import grow_pointwise_region, mark_region
 from rewrite.report import Report
 from rewrite.serialize import load, save
@@ -44,6 +44,7 @@ __all__ = [
     "load",
     "mark_region",
     "maybe_cast",
+    "number",
     "op",
     "ops",
     "optimize",

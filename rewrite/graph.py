@@ -78,6 +78,19 @@ def nodes_by_storage(graph: fx.Graph) -> dict[StorageWeakRef, list[fx.Node]]:
     return groups
 
 
+def out_of_place_problem(node: fx.Node, mutated: fx.Node) -> str | None:
+    """Why in-place ``node`` (which mutates ``mutated``) cannot be computed out of place, or
+    None: out of place is right only when nothing else can see the mutation."""
+    if mutated.op in ("placeholder", "get_attr"):
+        return f"in-place {op_name(node)} of a model input or parameter: the mutation is visible to the caller"
+    aliases = [n for n in next(g for g in nodes_by_storage(node.graph).values() if mutated in g) if n not in (node, mutated)]
+    if aliases:
+        return f"in-place {op_name(node)} of a tensor that shares memory with {aliases[0].name} (a view of it or its base)"
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    later = [u for u in users(mutated) if u is not node and order[u] > order[node]]
+    return f"in-place {op_name(node)} whose input is read again afterwards (by {later[0].name})" if later else None
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's elements (symbolic sizes at their example values)."""
     numel = 1
@@ -282,46 +295,6 @@ def set_attr_value(gm: torch.nn.Module, node: fx.Node, value: Any) -> None:
         raise ValueError(f"node {node.name} is not a get_attr node")
     owner, leaf = attr_owner(gm, node.target)
     setattr(owner, leaf, value)
-
-
-def fold_input_affine(
-    gm: fx.GraphModule,
-    linear: fx.Node,
-    weight: fx.Node,
-    bias: fx.Node | None,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    *,
-    out_features_first: bool = True,
-) -> None:
-    """Make linear layer ``linear`` (weight and bias read by get_attr nodes ``weight``, ``bias``)
-    compute on ``x`` what it computed on ``x * scale + shift``: W' = W diag(scale), b' = b + W
-    shift, computed in float64 and stored in the parameters' dtype as new parameters, trainable
-    as the old ones were. ``scale``/``shift`` hold one value per input feature (or one for
-    all); the weight is [out, in] (``nn.Linear``) or, with ``out_features_first=False``, [in,
-    out] (GPT-2's ``Conv1D``, an addmm). A linear without bias gets one named after its weight,
-    trainable as ``shift`` is (an ``aten.linear`` node only: others need a bias already)."""
-    old = get_attr_value(gm, weight)
-    w64 = old.detach().double()
-    if scale is not None:
-        scale = scale.detach().double().reshape(-1)
-        scaled = w64 * (scale[None, :] if out_features_first else scale[:, None])
-        set_attr_value(gm, weight, torch.nn.Parameter(scaled.to(old.dtype), requires_grad=old.requires_grad))
-    if shift is None:
-        return
-    shift64 = shift.detach().double().reshape(-1).expand(w64.shape[1 if out_features_first else 0])
-    offset = w64 @ shift64 if out_features_first else shift64 @ w64
-    if bias is not None:
-        old_bias = get_attr_value(gm, bias)
-        new_bias = (old_bias.detach().double() + offset).to(old_bias.dtype)
-        set_attr_value(gm, bias, torch.nn.Parameter(new_bias, requires_grad=old_bias.requires_grad))
-        return
-    if linear.target is not torch.ops.aten.linear.default:
-        raise ValueError(f"{linear.name} ({op_name(linear)}) has no bias to add the shift to")
-    prefix = weight.target.rsplit(".", 1)[0] + "." if "." in weight.target else ""
-    new_bias = torch.nn.Parameter(offset.to(old.dtype), requires_grad=shift.requires_grad)
-    linear.args = (linear.args[0], weight, add_parameter(gm, prefix + "bias", new_bias, like=linear))
-    linear.kwargs = {k: v for k, v in linear.kwargs.items() if k != "bias"}
 
 
 def drop_unused_attributes(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[str]:

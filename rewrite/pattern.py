@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import operator
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -224,7 +224,7 @@ def maybe(targets, inner: Pattern, *extra_args, name: str | None = None) -> AnyO
     return any_of(op(targets, inner, *extra_args, name=name), inner)
 
 
-_CASTS = (aten._to_copy.default, aten.to.dtype, prims.convert_element_type.default)
+CASTS = (aten._to_copy.default, aten.to.dtype, prims.convert_element_type.default)
 
 
 def _changes_only_dtype(cast: fx.Node) -> bool:
@@ -244,7 +244,7 @@ def maybe_cast(inner: Pattern, *, name: str | None = None) -> AnyOf:
     """``inner``, or ``inner`` under one dtype-only cast (``aten._to_copy``, ``aten.to.dtype``,
     ``prims.convert_element_type``), the cast bound to ``name`` when given. The cast is tried
     first, so ``maybe_cast(var("x"))`` binds x to what was cast."""
-    return any_of(op(_CASTS, inner, name=name, where=_changes_only_dtype), inner)
+    return any_of(op(CASTS, inner, name=name, where=_changes_only_dtype), inner)
 
 
 @dataclass
@@ -301,6 +301,17 @@ class Rules:
     def __len__(self) -> int:
         return len(self.rules)
 
+    def leaving(self, reasons: Mapping[str, str]) -> Rules:
+        """These rules, except that a match whose root is named in ``reasons`` is skipped with
+        the reason given there (a guard that keeps some nodes as they are)."""
+        if not reasons:
+            return self
+
+        def leave(rewrite):
+            return lambda m: m.skip(reasons[m.root.name]) if m.root.name in reasons else rewrite(m)
+
+        return Rules(*(replace(rule, rewrite=leave(rule.rewrite)) for rule in self.rules))
+
     def apply(self, gm: fx.GraphModule, *, fixed_point: bool = False, max_walks: int = 20) -> PassResult:
         """Walk the graph in order and rewrite each node with the first rule that returns
         something for it. A replacement node takes over the root's users here, not in
@@ -345,7 +356,7 @@ class Rules:
                     skipped.setdefault((outcome.node, outcome.reason), outcome)
                 else:
                     changes.append(_replace(m, outcome, rule))
-                    erased |= _erase_dead(gm.graph, node)
+                    erased |= _erase_dead(gm.graph, node, replaced=True)
                 break
         return changes
 
@@ -367,14 +378,17 @@ def _replace(match: Match, new: Any, rule: Rule) -> Change:
     return Change(root.name, module_path(root), what, op_name(source), match.detail)
 
 
-def _erase_dead(graph: fx.Graph, root: fx.Node) -> set[fx.Node]:
+def _erase_dead(graph: fx.Graph, root: fx.Node, replaced: bool = False) -> set[fx.Node]:
     """Erase ``root`` if nothing reads it, then the call nodes it fed that nothing reads any
-    more, and so on; never a node with effects (in-place ops, random ops). torch.export's
-    metadata assertions on an erased node go with it."""
+    more, and so on; never a node with effects (in-place ops, random ops), except a ``replaced``
+    root: the rule that replaced it answers for its effects (an in-place op computed out of
+    place once ``rewrite.graph.out_of_place_problem`` found nothing else sees the mutation).
+    torch.export's metadata assertions on an erased node go with it."""
     erased, pending = set(), [root]
     while pending:
         node = pending.pop()
-        if node in erased or node.op != "call_function" or _users(node) or _has_effects(node):
+        effects = _has_effects(node) and not (replaced and node is root)
+        if node in erased or node.op != "call_function" or _users(node) or effects:
             continue
         inputs = node.all_input_nodes
         for assertion in list(node.users):

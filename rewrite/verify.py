@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -144,6 +145,7 @@ class _Run:
     grads: dict[str, torch.Tensor | None]  # name -> gradient (None: the loss does not reach it)
     saved: SavedActivations
     differentiable: bool  # some output needs a gradient
+    values: dict[str, Any]  # the values of the nodes named in watch, probes and keep
 
 
 def _run(
@@ -155,10 +157,12 @@ def _run(
     input_grads: bool = True,
     watch: Sequence[str] = (),
     probes: Sequence[str] = (),
+    keep: Sequence[str] = (),
 ) -> _Run:
     """Forward + backward of sum(out * w) over the outputs and the values of the nodes named in
     ``probes``, with fixed random w; gradients of the parameters named in ``targets``, at the
-    nodes named in ``watch`` and, with ``input_grads``, of the float inputs."""
+    nodes named in ``watch`` and, with ``input_grads``, of the float inputs; the values of the
+    nodes named in ``keep`` too."""
     call_args, call_kwargs = _inputs_for_check(args, kwargs, input_grads)
     params = dict(gm.named_parameters())
     step = getattr(gm, "meta", {}).get(TRAINING_STEP)
@@ -172,7 +176,7 @@ def _run(
                 out = step(gm, call_args, call_kwargs)
             values = {}
         else:
-            out, saved, values = run_recording_saved(gm, call_args, call_kwargs, keep={*watch, *probes})
+            out, saved, values = run_recording_saved(gm, call_args, call_kwargs, keep={*watch, *probes, *keep})
     outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     inputs = [t for t in pytree.tree_leaves((call_args, call_kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
     named = {f"grad of input {i}": t for i, t in enumerate(inputs)}
@@ -187,7 +191,18 @@ def _run(
             for t in projected
         )
         grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()), allow_unused=True)))
-    return _Run([o.detach() for o in outs], grads, saved, any(o.requires_grad for o in outs))
+    return _Run([o.detach() for o in outs], grads, saved, any(o.requires_grad for o in outs), values)
+
+
+def gradients_at(
+    gm: fx.GraphModule, args: tuple, kwargs: dict, names: Sequence[str], keep: Sequence[str] = (), seed: int = 0
+) -> tuple[dict[str, Any], dict[str, torch.Tensor | None]]:
+    """One forward + backward of ``gm`` as ``compare`` runs it (same seed, same random
+    projection of the outputs): the values of the nodes named in ``names`` and ``keep``, and
+    the gradient at each of ``names`` (None where the projection does not reach it)."""
+    with buffers_kept(gm):
+        run = _run(gm, args, kwargs, seed, [], True, names, (), keep)
+    return run.values, {n: run.grads.get(f"grad at {n}") for n in names}
 
 
 def _all_zero(runs: list[_Run], names: list[str]) -> bool:

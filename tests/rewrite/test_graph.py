@@ -501,3 +501,38 @@ def test_op_name_and_format_shape(net_capture):
     custom = graph.call_function(torch.ops.rewrite.regelu2.default, (inp,))
     assert op_name(custom) == "rewrite.regelu2"
     assert op_name(graph.call_function(operator.getitem, (custom, 0))) == "getitem"
+
+
+class _InPlace(nn.Module):
+    def __init__(self, on_view=False):
+        super().__init__()
+        self.fc, self.on_view = nn.Linear(4, 4), on_view
+
+    def forward(self, x):
+        h = self.fc(x)
+        return F.silu(h.view(2, 8) if self.on_view else h, inplace=True) * 2
+
+
+@pytest.mark.parametrize("case, reason", [("plain", None), ("read_again", "read again afterwards (by mul)"), ("view", "shares memory with")])
+def test_out_of_place_problem_names_who_could_see_the_mutation(case, reason):
+    from rewrite.graph import out_of_place_problem
+
+    gm = rewrite.capture(_InPlace(on_view=case == "view"), (torch.randn(4, 4),)).graph_module
+    silu, mul = _node(gm, aten.silu_.default), _node(gm, aten.mul.Tensor)
+    if case == "read_again":  # export rewires later reads to the mutated value; a hand-made graph need not
+        mul.args = (silu.args[0], *mul.args[1:])
+    problem = out_of_place_problem(silu, silu.args[0])
+    assert problem is None if reason is None else reason in problem
+
+
+def test_out_of_place_problem_refuses_a_model_input():
+    from rewrite.graph import out_of_place_problem
+
+    gm = rewrite.capture(_Relu_(), (torch.randn(3),)).graph_module
+    (relu,) = [n for n in gm.graph.nodes if n.target is aten.relu_.default]
+    assert "model input or parameter" in out_of_place_problem(relu, relu.args[0])
+
+
+class _Relu_(nn.Module):
+    def forward(self, x):
+        return torch.relu_(x)

@@ -612,3 +612,27 @@ def test_a_pass_written_as_rules_runs_through_optimize_exactly():
     torch.testing.assert_close(m(x), model(x))
     m(x).sum().backward()
     assert m.fc1.weight.grad is not None
+
+
+def test_a_replaced_root_goes_even_when_it_has_effects():
+    """The rule that replaced an in-place root answers for it; what fed it still stays only if pure."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    noise = g.call_function(aten.rand_like.default, (x,))
+    root = g.call_function(aten.relu_.default, (g.call_function(aten.add.Tensor, (x, noise)),))
+    g.output(root)
+    new = g.call_function(aten.relu.default, (root.args[0],))
+    root.replace_all_uses_with(new)
+    assert _erase_dead(g, root) == set()  # not replaced: its effects keep it
+    assert {n.target for n in _erase_dead(g, root, replaced=True)} == {aten.relu_.default}
+    assert noise in g.nodes and root not in g.nodes
+
+
+def test_leaving_skips_the_named_nodes_with_their_reasons_and_rewrites_the_rest():
+    gm = _swishes()
+    names = [n.name for n in gm.graph.nodes if SWISH.match(n)]
+    assert len(names) == 2
+    result = Rules(TO_SILU).leaving({names[0]: "kept for a reason"}).apply(gm)
+    assert [c.node for c in result.changes] == [names[1]]
+    assert [(s.node, s.reason) for s in result.skipped] == [(names[0], "kept for a reason")]
+    assert Rules(TO_SILU).leaving({}).rules == (TO_SILU,)  # nothing to leave: the table as it is
