@@ -1,5 +1,6 @@
 # make demo: create .venv, install the project, rewrite a built-in model and print the result.
-# make test: create or reuse .venv and run the test suite (CPU; Triton kernels run interpreted).
+# make test: create or reuse .venv and run the test suite (CPU; Triton kernels run interpreted),
+# without the cases marked slow; make test-slow runs those (CI runs both).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test test-slow benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/rewrite demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/approx_bp.py

@@ -18,6 +18,11 @@ recomputations with memory freed within a stage, so its optimum can be lower.
     python benchmarks/remat.py                       # part (a) then part (b) (see benchmarks/remat_models.py)
     python benchmarks/remat.py --part a              # RL100..RL1000, both densities, budgets 0.9 and 0.8, 60 s
     python benchmarks/remat.py --graphs paper --sizes 100 --time-limit 10
+    python benchmarks/remat.py --part speed --budgets 0.8,0.6  # early stopping against 60 s solves: RL graphs, models
+
+Part speed: the aim "a plan within 5% of the 60-second objective in 5 s for graphs up to
+1,000 nodes". Each problem is solved twice: for the whole time limit with no early stopping,
+then with ``moccasin.solve``'s defaults (gap, stall); cost and time ratios.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from solvers import checkmate, moccasin  # noqa: E402
 from solvers.schedule import no_remat_intervals, peak_memory, random_layered_graph, validate  # noqa: E402
+from common import machine  # noqa: E402
 
 # Edge counts of the Moccasin paper's RL graphs: RL100 and RL1000 as published, the sizes in
 # between interpolated linearly in edges per node.
@@ -115,12 +121,90 @@ def print_solver_table(args) -> None:
                 )
 
 
+# --------------------------------------------------------------------------- part speed
+
+
+def model_problems(names: list[str], quick: bool) -> list:
+    """(name, MemoryModel, solver graph, starts) of each model's training step
+    (``benchmarks/remat_models.py``'s models), the budget over its activation memory as the
+    pass's default ``of="activations"`` has it."""
+    import remat_models
+
+    from passes.remat.hints import training_starts
+    from passes.remat.lower import ScheduledTraining
+    from rewrite.capture import capture
+
+    found = []
+    for name in names:
+        case = remat_models.CASES[name](quick)
+        case.model.train()
+        models = []
+
+        def planner(model):  # the plain step: only the memory model is wanted
+            models.append(model)
+            return model.plain_intervals()
+
+        gm = capture(case.model, case.inputs, mode="train", dynamic_batch=False).graph_module
+        ScheduledTraining(planner).prepare(gm, case.inputs, {})
+        model = models[-1]
+        found.append((f"{name} ({len(model.order)} units)", model, model.activation_graph(), training_starts(model)))
+    return found
+
+
+def print_speed_table(args) -> None:
+    """A plan within 5% of the 60-second objective in 5 s: each problem solved to the time
+    limit without early stopping (no gap or stall stop; the local search may use its whole
+    share), then with the defaults; the same starts for both on the models."""
+    from solvers.schedule import recompute_cost
+
+    print(f"{machine()}; load average {os.getloadavg()[0]:.2f}; CP-SAT workers {args.workers}; intervals {args.intervals}; "
+          f"full solve {args.time_limit:.0f} s without early stopping; early: gap {moccasin.GAP:g}, stall "
+          f"max({moccasin.STALL_SECONDS:g} s, {moccasin.STALL_SHARE:g} x elapsed), phase one progress "
+          f"{moccasin.SEARCH_GAIN:g} of the excess")  # fmt: skip
+    print(f"{'problem':<28}{'budget':>7}  {'full: status':<13}{'cost':>12}{'time s':>8}   {'early: status':<14}"
+          f"{'stopped':<11}{'start':<24}{'cost':>12}{'time s':>8}   {'cost ratio':>10}{'time ratio':>11}{'full@5s ratio':>14}")  # fmt: skip
+    problems = []
+    for density in filter(None, args.graphs.split(",")):  # --graphs '': the models alone
+        for n in (int(s) for s in args.sizes.split(",")):
+            graph, order = rl_graph(n, density)
+            problems.append((f"RL{n} {density} ({graph.number_of_edges()} e)", graph, order, set(), {}))
+    if args.speed_models:
+        for name, model, graph, starts in model_problems(args.speed_models.split(","), args.quick):
+            problems.append((name, graph, model.order, model.keep, starts))
+    for name, graph, order, keep, starts in problems:
+        plain = peak_memory(graph, order, no_remat_intervals(graph, order, keep))
+        for fraction in (float(f) for f in args.budgets.split(",")):
+            budget = int(plain * fraction)
+            common = dict(intervals_per_node=args.intervals, workers=args.workers, keep=keep, starts=starts,
+                          find_smallest_budget=False)  # fmt: skip
+            full = moccasin.solve(graph, order, budget, time_limit=args.time_limit, gap=0.0, stall_seconds=None, **common)
+            early = moccasin.solve(graph, order, budget, time_limit=args.time_limit, **common)
+            for result in (full, early):
+                if result.has_schedule:
+                    validate(graph, order, result.intervals, budget, keep)
+                    assert result.objective == recompute_cost(graph, result.intervals)
+            ratio = (
+                "-" if not (full.has_schedule and early.has_schedule)
+                else "1.000" if early.objective == full.objective
+                else f"{early.objective / full.objective:.3f}" if full.objective else "inf"
+            )  # fmt: skip
+            # what the full solve had after 5 s (the aim's time), against its final cost
+            at_five = [value for seconds, value in full.trace if seconds <= 5.0]
+            five = f"{min(at_five) / full.objective:.3f}" if at_five and full.objective else "-"
+            print(f"{name:<28}{fraction:>7.2f}  {full.status:<13}{_fmt(full.objective, '.4g'):>12}{full.seconds:>8.1f}   "
+                  f"{early.status:<14}{early.stopped:<11}{early.phase_one[:23]:<24}{_fmt(early.objective, '.4g'):>12}"
+                  f"{early.seconds:>8.1f}   {ratio:>10}{early.seconds / max(full.seconds, 1e-9):>11.3f}{five:>14}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     import remat_models  # part (b), beside this file
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("a", "b", "both"), default="both",
-                        help="a: the solvers on RL graphs; b: the pass on real models against min-cut and checkpointing")  # fmt: skip
+    parser.add_argument("--part", choices=("a", "b", "both", "speed"), default="both",
+                        help="a: the solvers on RL graphs; b: the pass on real models against min-cut and checkpointing; "
+                             "speed: early stopping against the full time limit on RL graphs and the models' steps")
+    parser.add_argument("--speed-models", default="mlp,cnn,transformer",
+                        help="--part speed: the models of part (b) whose training steps are solved too ('' for none)")  # fmt: skip
     add_solver_arguments(parser)
     remat_models.add_arguments(parser)
     args = parser.parse_args()
@@ -128,6 +212,8 @@ def main() -> None:
         print_solver_table(args)
     if args.part in ("b", "both"):
         remat_models.run(args)
+    if args.part == "speed":
+        print_speed_table(args)
 
 
 if __name__ == "__main__":

@@ -331,9 +331,11 @@ def is_shared_tensor(gm: torch.nn.Module, node: fx.Node) -> bool:
     return any(get_attr_value(gm, n) is value for n in readers)
 
 
-def module_path(node: fx.Node) -> str:
-    """Qualified name of the innermost nn.Module the node was traced in ('' for the root)."""
-    stack = node.meta.get("nn_module_stack")
+def module_path(node: fx.Node, backward: bool = False) -> str:
+    """Qualified name of the innermost nn.Module the node was traced in ('' for the root).
+    ``backward``: for a node of a joint graph's backward, which has no module of its own, the
+    module whose forward it differentiates."""
+    stack = node.meta.get("nn_module_stack") or (node.meta.get("fwd_nn_module_stack") if backward else None)
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]

@@ -182,6 +182,10 @@ def _loss_curve(p: PassReport) -> str:
 def _memory_curve(p: PassReport) -> str:
     series = getattr(p.result, "series", {}) or {}
     before, after = series.get("memory_before"), series.get("memory_after")
+    what = "bytes of intermediate tensors alive"
+    if series.get("budget_of") == "activations":  # the curves the budget line bounds
+        before, after = series.get("activation_memory_before"), series.get("activation_memory_after")
+        what = "activation memory (intermediate tensors alive but the gradients the step returns)"
     if not before and not after:
         return ""
     budget = series.get("budget")
@@ -190,7 +194,7 @@ def _memory_curve(p: PassReport) -> str:
         f"<p class='legend'><span><i class='swatch' style='background:{_BEFORE_COLOR}'></i>before (peak {format_bytes(max(before or [0]))})</span>"
         f"<span><i class='swatch' style='background:{_AFTER_COLOR}'></i>after (peak {format_bytes(max(after or [0]))})</span>"
         + (f"<span><i class='swatch' style='background:#d92d20'></i>budget {format_bytes(budget)}</span>" if budget else "")
-        + "<span class='muted'>bytes of intermediate tensors alive, simulated on the example inputs (the measured peaks are in the figures)</span></p>"
+        + f"<span class='muted'>{what}, simulated on the example inputs (the measured peaks are in the figures)</span></p>"
         + memory_curve_svg(before or [], after or [], budget)
     )
 

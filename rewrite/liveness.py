@@ -7,7 +7,9 @@ incoming gradients of a joint forward+backward graph (``tangents_*``) are storag
 their first use. The memory at a point of the order is the bytes of the storage nodes alive
 there; a node is alive from its computation to its last use, outputs (the model's outputs
 and the gradients) to the end. ``rewrite.memory.measure_peak`` measures the same quantity for
-real: the peak bytes of the storages allocated while a function runs and still alive.
+real: the peak bytes of the storages allocated while a function runs and still alive. The
+*activation memory* (``activation_profile``) leaves out the gradients a joint graph returns
+(``gradient_units``), which no recomputation lowers.
 
 ``MemoryModel`` gives each storage its bytes, the cost of computing it again (by one of
 ``rewrite.cost_models.COST_MODELS``) and whether it may be recomputed: random ops
@@ -113,6 +115,24 @@ class MemoryModel:
         keep = {root[a] for a in output.all_input_nodes if root.get(a) is not None}
         return cls(fx_graph, units, graph, [u.name for u in units], keep, root, flops)
 
+    def gradient_units(self) -> set[str]:
+        """The units the step returns that are computed from the incoming gradients
+        (``tangents_*``): the gradients of a joint forward+backward graph's parameters and
+        inputs, alive from where the backward makes them to the end. None in a forward graph."""
+        return gradient_units(self.fx_graph, self.root)
+
+    def activation_graph(self) -> nx.DiGraph:
+        """``graph`` with the gradients' ``mem`` 0: a schedule within a budget over it bounds
+        the activation memory (what is saved for the backward and the temporaries of both
+        passes), which recomputation can lower, leaving out the gradients, which it cannot."""
+        gradients = self.gradient_units()
+        if not gradients:
+            return self.graph
+        graph = self.graph.copy()
+        for name in gradients:
+            graph.nodes[name]["mem"] = 0
+        return graph
+
     def plain_intervals(self) -> dict:
         """Every unit kept from its computation to its last use: the step as written."""
         from solvers.schedule import no_remat_intervals
@@ -161,12 +181,35 @@ def _reads_any(node: fx.Node, placeholders: frozenset[str]) -> bool:
     return False
 
 
-def liveness_profile(graph: fx.Graph) -> list[int]:
+def gradient_units(graph: fx.Graph, root: dict[fx.Node, str | None]) -> set[str]:
+    """The units (``root``: node -> unit name, as ``MemoryModel.root``) of ``graph``'s outputs
+    that depend on an incoming gradient (a ``tangents_*`` placeholder): in a joint graph, the
+    outputs after its forward outputs, which never read one."""
+    backward: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+            a in backward for a in node.all_input_nodes
+        ):
+            backward.add(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    return {root[a] for a in output.all_input_nodes if a in backward and root.get(a) is not None}
+
+
+def activation_profile(graph: fx.Graph) -> list[int]:
+    """``liveness_profile`` without the gradients the step returns (``gradient_units``): the
+    activation memory, the quantity ``remat{of=activations}`` bounds. For a forward graph,
+    the same as ``liveness_profile``."""
+    return liveness_profile(graph, gradients=False)
+
+
+def liveness_profile(graph: fx.Graph, gradients: bool = True) -> list[int]:
     """Bytes of storage alive while each node of ``graph`` runs, each freed after its last
     use (as fx's generated code and the Interpreter free them); outputs stay to the end. An
     op's outputs are all allocated when it runs, and the tuple of a multi-output op holds
-    every output until the op's last ``getitem`` has run (outputs nobody takes included)."""
+    every output until the op's last ``getitem`` has run (outputs nobody takes included).
+    ``gradients=False`` leaves out the gradients a joint graph returns (``gradient_units``)."""
     model = MemoryModel.from_graph(graph, cost=None)
+    left_out = set() if gradients else model.gradient_units()
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use: dict[str, int] = {}
@@ -191,7 +234,7 @@ def liveness_profile(graph: fx.Graph) -> list[int]:
 
     taken: dict[fx.Node, set[int]] = {}
     for unit in model.units:
-        mem = model.graph.nodes[unit.name]["mem"]
+        mem = 0 if unit.name in left_out else model.graph.nodes[unit.name]["mem"]
         node = unit.node
         born = first_use.get(node, index[node]) if node.op == "placeholder" else index[node]
         dies = last_use.get(unit.name, born)

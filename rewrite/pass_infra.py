@@ -399,6 +399,8 @@ def parse_pipeline(text: str) -> list[Pass]:
             if "=" not in item:
                 raise OptionError(f"pass {name!r}: option {item!r} needs a value (option=value)")
             key, value = (part.strip() for part in item.split("=", 1))
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]  # quoted as in Python: budget="1.5GB"
             if key in options:
                 raise OptionError(
                     f"pass {name!r}: option {key} is given twice ({key}={options[key]} and {key}={value}); give it once"

@@ -19,6 +19,7 @@ import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
 
 from rewrite.memory import flatten_inputs
+from rewrite.node_kinds import is_alias
 from rewrite.state import buffers_kept, random_state_kept
 
 TRAINING_STEP = "training_step"  # the graph module's meta key that holds its TrainingStep
@@ -32,12 +33,53 @@ def graph_fingerprint(gm: fx.GraphModule) -> str:
     return gm.code
 
 
+def _with_strides(value: Any, strides: tuple | None) -> Any:
+    """``value``, copied into a tensor of ``strides`` where its own differ in a dimension that
+    matters (size above 1); as it is without strides to follow (``None``, symbolic ones)."""
+    if not isinstance(value, torch.Tensor) or strides is None or len(strides) != value.dim():
+        return value
+    if not all(isinstance(s, int) for s in strides):
+        return value  # symbolic: the trace fixed no layout
+    if all(size < 2 or a == b for size, a, b in zip(value.shape, value.stride(), strides)):
+        return value
+    return torch.empty_strided(value.shape, strides, dtype=value.dtype, device=value.device).copy_(value)
+
+
+def _in_traced_layout(value: Any, traced: Any) -> Any:
+    """``value`` (an op's output: a tensor or a tuple of them) in the layout of ``traced``,
+    the fake value the op was traced with."""
+    if isinstance(value, (tuple, list)) and isinstance(traced, (tuple, list)) and len(value) == len(traced):
+        fixed = [_in_traced_layout(v, t) for v, t in zip(value, traced)]
+        return value if all(f is v for f, v in zip(fixed, value)) else type(value)(fixed)
+    if isinstance(traced, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == traced.shape:
+        return _with_strides(value, traced.stride())
+    return value
+
+
+class _TracedLayout(fx.Interpreter):
+    """Runs a traced graph with every op's output in the layout it was traced with.
+
+    AOTAutograd decomposes the step on fake tensors, whose strides come from the ops' meta
+    kernels; where an eager kernel returns another layout (the CPU batch norm of a transposed
+    input returns a contiguous tensor, its meta kernel one strided like the input), a view the
+    trace wrote for the traced layout (``linear`` on the transposed back result becomes
+    ``view`` + ``mm``) fails or reads the wrong elements. Views follow their base, so only the
+    outputs of ops that own their memory are put back into the traced layout."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "call_function" and not is_alias(n):
+            out = _in_traced_layout(out, n.meta.get("val"))
+        return out
+
+
 def _boxed(gm: fx.GraphModule, example_inputs) -> Callable:
     """Run a graph through the Interpreter in the boxed convention: arguments are released as
-    soon as their last use has run (the saved tensors in the backward, in particular)."""
+    soon as their last use has run (the saved tensors in the backward, in particular), each
+    op's output in the layout it was traced with (``_TracedLayout``)."""
 
     def run(args: list) -> Any:
-        return fx.Interpreter(gm).boxed_run(args)
+        return _TracedLayout(gm).boxed_run(args)
 
     run._boxed_call = True
     return run
@@ -73,7 +115,7 @@ class TrainingStep:
     def __init__(self, partitioner: Partitioner, on_compile: Callable[[str], None] | None = None):
         self.partitioner = partitioner
         self.on_compile = on_compile
-        self._compiled: dict[Any, Callable] = {}
+        self._compiled: dict[Any, tuple[Callable, list]] = {}  # key -> compiled step, input layouts
         self.partitions: dict[Any, Any] = {}
 
     def __deepcopy__(self, memo):
@@ -101,8 +143,7 @@ class TrainingStep:
         state = {**params, **dict(gm.named_buffers())}
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         key = self._key(gm, state, leaves)
-        compiled = self._compiled.get(key)
-        if compiled is None:
+        if key not in self._compiled:
             names, count = list(state), len(state)
             interpreted = _Interpreted(gm)
 
@@ -125,7 +166,12 @@ class TrainingStep:
                 partition_fn=partition_fn,
                 num_params_buffers=count,
             )
-            self._compiled[key] = compiled
+            # the layouts the step is traced with: later inputs are put into them (a transposed
+            # batch where a contiguous one was traced), as the graph's views are written for them
+            layouts = [t.stride() if isinstance(t, torch.Tensor) else None for t in leaves]
+            self._compiled[key] = compiled, layouts
+        compiled, layouts = self._compiled[key]
+        leaves = [_with_strides(t, strides) for t, strides in zip(leaves, layouts)]
         return key, compiled, [*state.values(), *leaves]
 
     def prepare(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:

@@ -185,6 +185,31 @@ class SmallCNN(nn.Module):
         return self.head(self.features(images).mean(dim=(2, 3)))
 
 
+class ChannelsLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (ConvNeXt's stem and downsampling)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7x7 conv, LayerNorm over channels, Linear-GELU-Linear MLP
+    (channels last), layer scale, residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.gamma * self.fc2(F.gelu(self.fc1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
 def mlp(**sizes) -> MLP:
     return MLP(**sizes)
 

@@ -25,7 +25,14 @@ overflow removed per unit of recomputation cost, with random kicks when it is st
 CP-SAT minimising the peak from the search's closest schedule, stopped once the peak is
 within the budget. CP-SAT alone takes minutes to find a first schedule on a thousand nodes,
 and improves a hint there only slowly; the local search takes well under a second on most
-such graphs.
+such graphs. Schedules found elsewhere (``starts``: PyTorch's min-cut partition,
+checkpointing every block) compete with the local search's; phase two begins from the
+cheapest.
+
+Both phases stop early (``_Watch``, a thread beside CP-SAT): phase two once its cost is within
+``gap`` of the proved bound or it has found nothing better for a while (``stall_seconds``,
+``stall_share`` of the time so far), phase one when it stops closing in on the budget, so an
+infeasible budget fails in seconds and most solves end well before ``time_limit``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import bisect
 import heapq
 import math
 import random
+import threading
 import time
 
 import networkx as nx
@@ -48,6 +56,7 @@ from solvers.schedule import (
     peak_memory,
     recomputable,
     recompute_cost,
+    validate,
 )
 
 _STATUS = {
@@ -205,17 +214,91 @@ class _Model:
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):
-    """Records (seconds since the solve started, objective) for every improving solution;
-    with ``stop_at``, stops the search once the objective is that low."""
+    """Records (seconds since the solve started, objective) for every solution; with
+    ``stop_at``, stops the search once the objective is that low. ``best`` is the lowest
+    integer objective so far (the hint's, to begin with) and ``improved`` when the search last
+    lowered it (or first reported a solution: the search proper starts after presolve) by
+    more than ``min_gain`` of its distance to ``stop_at`` (lowering the peak to a budget:
+    steps of a few bytes on the way to a budget far below are no progress)."""
 
-    def __init__(self, started: float, scale: float, stop_at: float | None = None):
+    def __init__(self, started: float, scale: float, stop_at: float | None = None, best: float | None = None,
+                 min_gain: float = 0.0):  # fmt: skip
         super().__init__()
         self.started, self.scale, self.stop_at, self.trace = started, scale, stop_at, []
+        self.best, self.improved, self._reported, self.min_gain = best, time.perf_counter(), False, min_gain
+        self._mark = best
 
     def on_solution_callback(self):
-        self.trace.append((time.perf_counter() - self.started, self.objective_value / self.scale))
-        if self.stop_at is not None and self.objective_value <= self.stop_at:
+        value = self.objective_value
+        self.trace.append((time.perf_counter() - self.started, value / self.scale))
+        floor = self.stop_at or 0
+        if not self._reported or self._mark is None or value < self._mark - self.min_gain * (self._mark - floor):
+            self.improved, self._mark = time.perf_counter(), value
+        self._reported = True
+        self.best = value if self.best is None else min(self.best, value)
+        if self.stop_at is not None and value <= self.stop_at:
             self.stop_search()
+
+
+class _Watch:
+    """Stops a CP-SAT search from a second thread (``CpSolver.stop_search`` is thread-safe)
+    once it is not worth going on, and says why (``reason``):
+
+    - "gap": (objective - bound) / objective is at most ``gap`` (minimising, integer
+      objectives, as CP-SAT has them);
+    - "bound": the proved bound is above ``bound_above`` (minimising the peak: the budget is
+      proved out of reach, the search need not go on to the smallest peak);
+    - "stalled": no better solution for ``max(stall_seconds, stall_share * t)`` seconds, t the
+      time since ``started``; the longer a solve has run, the longer it is given (a solve
+      that improves slowly but steadily is not cut short at once).
+
+    ``stall_seconds=None`` and ``gap=0`` leave the search to the time limit (or a proof).
+    """
+
+    _POLL = 0.05  # seconds between looks: far below the smallest stall
+
+    def __init__(self, solver: cp_model.CpSolver, progress: _Progress, started: float, stall_seconds: float | None,
+                 stall_share: float, gap: float, bound_above: float | None = None):  # fmt: skip
+        self.solver, self.progress, self.started = solver, progress, started
+        self.stall_seconds, self.stall_share, self.gap, self.bound_above = stall_seconds, stall_share, gap, bound_above
+        self.bound, self.reason = None, None
+        solver.best_bound_callback = self._on_bound
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moccasin-watch", daemon=True)
+
+    def _on_bound(self, bound: float) -> None:
+        self.bound = bound
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.solver.best_bound_callback = None
+
+    def check(self, now: float) -> str | None:
+        best, bound = self.progress.best, self.bound
+        if bound is not None and best is not None and self.gap > 0 and best - bound <= self.gap * abs(best):
+            return "gap"
+        if bound is not None and self.bound_above is not None and bound > self.bound_above:
+            return "bound"
+        if self.stall_seconds is not None:
+            if now - self.progress.improved >= max(self.stall_seconds, self.stall_share * (now - self.started)):
+                return "stalled"
+        return None
+
+    def _run(self) -> None:
+        while not self._done.wait(self._POLL):
+            reason = self.check(time.perf_counter())
+            if reason is not None:
+                self.reason = reason
+                # Asked again until the search ends: a stop before CP-SAT's own set-up is lost.
+                while not self._done.is_set():
+                    self.solver.stop_search()
+                    self._done.wait(self._POLL)
+                return
 
 
 def _solver(time_limit: float, workers: int, seed: int) -> cp_model.CpSolver:
@@ -233,6 +316,21 @@ def lower_bound_budget(graph: nx.DiGraph, order: list, keep=()) -> int:
     return max(max(needed, default=0), sum(graph.nodes[v]["mem"] for v in keep))
 
 
+# Early stopping (``solve``): phase two stops once the cost is within GAP of the proved bound,
+# or when it has not improved for max(STALL_SECONDS, STALL_SHARE * the time so far). On the
+# RL graphs and the models' training steps (``benchmarks/remat.py --part speed``) the search
+# finds nearly all it will find in its first seconds and then improves by fractions of a
+# percent per minute.
+GAP = 0.01
+STALL_SECONDS = 2.0
+STALL_SHARE = 0.25
+# Phase one, when the budget is hard to meet (or cannot be met), stops on the same stall rule:
+# the local search's kicks, and CP-SAT lowering the peak, count as progress only a fall of the
+# memory over the budget by this share of it (both go on creeping towards a budget they never
+# reach: an infeasible budget would otherwise keep them to the time limit).
+SEARCH_GAIN = 0.01
+
+
 def solve(
     graph: nx.DiGraph,
     order: list,
@@ -245,63 +343,101 @@ def solve(
     seed: int = 0,
     find_smallest_budget: bool = True,
     search_share: float = 0.5,
+    gap: float = GAP,
+    stall_seconds: float | None = STALL_SECONDS,
+    stall_share: float = STALL_SHARE,
+    starts: dict | None = None,
 ) -> Schedule:
     """The cheapest schedule within ``budget`` found in ``time_limit`` seconds.
 
     ``keep``: nodes that must stay in memory to the end (the graph's outputs). When the budget
     is infeasible the result says so and, with ``find_smallest_budget``, carries the smallest
     budget a schedule was found for (``smallest_feasible_budget``), searched in the time left.
-    ``search_share``: the part of the time limit phase one's local search may use (it stops
-    once it has a schedule within the budget, usually within a second). The result says what
-    found the first schedule (``phase_one``) and when (``seconds_to_first``); its ``trace``
-    starts with that schedule's cost.
+
+    Phase one: ``search_share`` is the part of the time limit the local search may use; it
+    stops once it has a schedule within the budget, usually within a second. ``starts`` maps
+    names to schedules found elsewhere (a min-cut partition, checkpointing every block:
+    ``passes.remat.hints``); those that are valid, fit the budget and respect
+    ``intervals_per_node`` compete with the local search, and phase two begins from the
+    cheapest. The result says which (``phase_one``: "plain", "local search", "cp-sat" or a
+    start's name), what each candidate cost (``start_costs``) and when the first schedule was
+    there (``seconds_to_first``); its ``trace`` starts with its cost.
+
+    Early stopping: phase two stops before the time limit once the cost is within ``gap`` of
+    the proved lower bound ((cost - bound) / cost), or when no better schedule came for
+    ``max(stall_seconds, stall_share * t)`` seconds, t the time since the solve began. Phase
+    one stops on the same rule when the local search's kicks and CP-SAT lowering the peak stop
+    closing in on the budget (by ``SEARCH_GAIN`` of the excess), so a budget that cannot be
+    met fails in seconds. ``stall_seconds=None`` and ``gap=0`` run to the time limit (or a
+    proof of optimality). The result says why it stopped (``stopped``: "optimal", "gap",
+    "stalled", "time_limit"; with no schedule, "infeasible" when that is proved, else
+    "stalled").
     """
     check_problem(graph, order, budget)
     if intervals_per_node < 1:
         raise ScheduleError("intervals_per_node must be at least 1")
+    if not 0 <= gap < 1:
+        raise ScheduleError(f"gap must be in [0, 1), not {gap}")
+    if stall_seconds is not None and not stall_seconds > 0:
+        raise ScheduleError(f"stall_seconds must be above 0 (or None: no stall stop), not {stall_seconds}")
     keep = set(keep)
     started = time.perf_counter()
+    stopping = {"gap": gap, "stall_seconds": stall_seconds, "stall_share": stall_share}
     baseline = no_remat_intervals(graph, order, keep)
     if peak_memory(graph, order, baseline) <= budget:
         # Phase one is free: the plain schedule fits and costs nothing, which is optimal.
         seconds = time.perf_counter() - started
         return Schedule("optimal", 0.0, 0.0, baseline, seconds, "moccasin", budget, peak_memory(graph, order, baseline),
-                        trace=[(seconds, 0.0)], phase_one="plain", seconds_to_first=seconds)  # fmt: skip
+                        trace=[(seconds, 0.0)], phase_one="plain", seconds_to_first=seconds,
+                        stopped="optimal")  # fmt: skip
     if budget < lower_bound_budget(graph, order, keep):
-        result = Schedule("infeasible", solver="moccasin", budget=budget)
+        result = Schedule("infeasible", solver="moccasin", budget=budget, stopped="infeasible")
         if find_smallest_budget:
             result.smallest_feasible_budget = _smallest_budget(
-                graph, order, intervals_per_node, keep, time_limit, workers, seed
+                graph, order, intervals_per_node, keep, time_limit, workers, seed, started, stopping
             )
         result.seconds = time.perf_counter() - started
         return result
 
-    # Phase one: any schedule within the budget, by local search, else by CP-SAT from its closest.
-    search = _search(graph, order, budget, intervals_per_node, keep, time_limit * search_share, seed)
-    first, phase_one = (search.intervals(), "local search") if search.fits() else (None, "cp-sat")
-    if first is None:
+    # Phase one: schedules within the budget, from the starts given and by local search, else
+    # by CP-SAT from the search's closest.
+    copies = interval_counts(graph, order, intervals_per_node, keep)
+    candidates = {name: spans for name, spans in (starts or {}).items()
+                  if _usable_start(graph, order, spans, budget, keep, copies)}  # fmt: skip
+    stall = None if stall_seconds is None else (stall_seconds, stall_share, started)
+    search = _search(graph, order, budget, intervals_per_node, keep, time_limit * search_share, seed, stall)
+    if search.fits():
+        candidates = {"local search": search.intervals(), **candidates}
+    if not candidates:
         first, status, smallest = _lower_the_peak(graph, order, budget, intervals_per_node, keep, search.intervals(),
-                                                  time_limit - (time.perf_counter() - started), workers, seed)  # fmt: skip
+                                                  time_limit - (time.perf_counter() - started), workers, seed,
+                                                  started, stopping)  # fmt: skip
         if first is None:
-            result = Schedule(status, solver="moccasin", budget=budget)
-            if status == "infeasible" and find_smallest_budget:
+            result = Schedule(status, solver="moccasin", budget=budget,
+                              stopped="infeasible" if status == "infeasible" else "stalled")  # fmt: skip
+            if find_smallest_budget:
                 result.smallest_feasible_budget = smallest
             result.seconds = time.perf_counter() - started
             return result
+        candidates = {"cp-sat": first}
+    start_costs = {name: recompute_cost(graph, spans) for name, spans in candidates.items()}
+    phase_one = min(start_costs, key=start_costs.get)  # the first listed among equals
+    first, first_cost = candidates[phase_one], start_costs[phase_one]
     seconds_to_first = time.perf_counter() - started
-    first_cost = recompute_cost(graph, first)
 
     # Phase two: the cheapest schedule, starting from the first one.
     cheapest = _Model(graph, order, budget, intervals_per_node, keep)
     cheapest.hint(first)
     left = time_limit - (time.perf_counter() - started)
     solver = _solver(left, workers, seed)
-    progress = _Progress(started, cheapest.scale)
-    status = solver.solve(cheapest.model, progress)
-    trace = [(seconds_to_first, first_cost)]
     # Compared on CP-SAT's integer costs: the scaled float costs round differently, and a
     # proved optimum equal to the hint must not read as worse than it.
     first_scaled = sum(cheapest.costs[node] * (len(spans) - 1) for node, spans in first.items())
+    progress = _Progress(started, cheapest.scale, best=first_scaled)
+    with _Watch(solver, progress, started, **stopping) as watch:
+        status = solver.solve(cheapest.model, progress)
+    stopped = "optimal" if status == cp_model.OPTIMAL else watch.reason or "time_limit"
+    trace = [(seconds_to_first, first_cost)]
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.objective_value <= first_scaled:
         intervals = cheapest.intervals(solver)
         objective = recompute_cost(graph, intervals)
@@ -315,24 +451,47 @@ def solve(
         label = "feasible"
     return Schedule(label, objective, min(bound, objective), intervals, time.perf_counter() - started, "moccasin",
                     budget, peak_memory(graph, order, intervals), trace=trace, phase_one=phase_one,
-                    seconds_to_first=seconds_to_first)  # fmt: skip
+                    seconds_to_first=seconds_to_first, stopped=stopped, start_costs=start_costs)  # fmt: skip
 
 
-def _lower_the_peak(graph, order, budget, intervals_per_node, keep, closest, time_limit, workers, seed):
+def _usable_start(graph, order, intervals, budget, keep, copies) -> bool:
+    """Whether ``intervals`` can start phase two: a valid schedule within the budget with no
+    more intervals per node than the model has, each recomputation at least two steps after
+    the interval before it (the model's form: a gap of one would be one longer interval)."""
+    if not isinstance(intervals, dict) or set(intervals) != set(graph.nodes):
+        return False
+    try:
+        validate(graph, order, intervals, budget, keep)
+    except ScheduleError:
+        return False
+    return all(
+        len(spans) <= copies[node] and all(spans[k][0] >= spans[k - 1][1] + 2 for k in range(1, len(spans)))
+        for node, spans in intervals.items()
+    )
+
+
+def _lower_the_peak(graph, order, budget, intervals_per_node, keep, closest, time_limit, workers, seed, started,
+                    stopping):  # fmt: skip
     """Phase one by CP-SAT: minimise the peak, starting from ``closest`` (a valid schedule over
-    the budget), and stop once it is within the budget. Returns (intervals or None, status,
-    the smallest feasible budget when that was proved)."""
+    the budget), and stop once it is within the budget, once its bound proves the budget out
+    of reach, or as ``stopping`` says (``_Watch``; no gap stop: only the budget matters).
+    Returns (intervals or None, status, the smallest peak found: an upper bound on the
+    smallest feasible budget)."""
     model = _Model(graph, order, budget, intervals_per_node, keep, minimize_budget=True)
     model.hint(closest)
     # Most of the time goes to finding a first schedule: without one there is nothing to
     # improve; once found, the rest improves it.
     solver = _solver(time_limit * 0.8, workers, seed)
-    status = solver.solve(model.model, _Progress(time.perf_counter(), 1.0, stop_at=budget))
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.value(model.capacity) <= budget:
+    progress = _Progress(time.perf_counter(), 1.0, stop_at=budget, min_gain=SEARCH_GAIN)
+    with _Watch(solver, progress, started, stopping["stall_seconds"], stopping["stall_share"], 0.0, budget) as watch:
+        status = solver.solve(model.model, progress)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None, "infeasible" if status == cp_model.INFEASIBLE else "unknown", None
+    smallest = int(solver.value(model.capacity))
+    if smallest <= budget:
         return model.intervals(solver), "feasible", None
-    if status == cp_model.OPTIMAL:
-        return None, "infeasible", solver.value(model.capacity)
-    return None, "infeasible" if status == cp_model.INFEASIBLE else "unknown", None
+    proved = status == cp_model.OPTIMAL or watch.reason == "bound" or solver.best_objective_bound > budget
+    return None, "infeasible" if proved else "unknown", smallest
 
 
 def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_node: int = 2, keep=(), *,
@@ -345,11 +504,11 @@ def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_n
     return search.intervals() if search.fits() else None
 
 
-def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed) -> _Repair:
+def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed, stall=None) -> _Repair:
     """Three descents from the plain schedule, scoring moves by the overflow they remove per
     unit of recomputation cost to the power 1, 0.5 and 0 (cheaper schedules first, tighter
     budgets last): the cheapest that fits; when none does, the closest goes on with kicks
-    (``_Repair.run``) in the time left."""
+    (``_Repair.run``, ``stall`` its stall rule) in the time left."""
     started = time.perf_counter()
     searches = []
     for weight in (1.0, 0.5, 0.0):
@@ -363,7 +522,7 @@ def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed) ->
         searches.append(search)
     best = min(searches, key=_Repair.rank)
     if not best.fits():
-        best.run(time_limit - (time.perf_counter() - started), kicks=True)
+        best.run(time_limit - (time.perf_counter() - started), kicks=True, stall=stall)
         if best.fits():
             best.prune()
     return best
@@ -440,14 +599,17 @@ class _Repair:
     def intervals(self) -> dict:
         return {self.order[t]: list(self.spans[t]) for t in range(self.n)}
 
-    def run(self, time_limit: float, kicks: bool = False) -> None:
+    def run(self, time_limit: float, kicks: bool = False, stall: tuple | None = None) -> None:
         """Take improving moves until the schedule fits, none is left or time runs out; when
         none is left, again without the target below the budget (room near the times over
         the budget no longer counts, so the last moves are not held back by it). With
         ``kicks``, then undo a random third of the recomputations near the worst time and go
-        on, until ``patience`` kicks in a row found nothing closer; the closest state is kept."""
+        on, until ``patience`` kicks in a row found nothing closer, or (``stall``: seconds,
+        share, started) the overflow fell by less than ``SEARCH_GAIN`` of itself for
+        max(seconds, share * time since started); the closest state is kept."""
         deadline = time.perf_counter() + time_limit
         closest, since_closest = None, 0
+        mark, marked = None, time.perf_counter()
         while self._descend(deadline) is False:
             target, self.target = self.target, self.budget
             finished = self._descend(deadline)
@@ -458,6 +620,12 @@ class _Repair:
                 closest, since_closest = self._snapshot(), 0
             elif since_closest == self.patience:
                 break
+            if stall is not None:
+                now = time.perf_counter()
+                if mark is None or closest[0] < mark * (1 - SEARCH_GAIN):
+                    mark, marked = closest[0], now
+                elif now - marked >= max(stall[0], stall[1] * (now - stall[2])):
+                    break
             since_closest += 1
             self._kick()
         if closest is not None and closest[0] < self.overflow():
@@ -729,13 +897,17 @@ class _Repair:
         return 1, self.overflow()
 
 
-def _smallest_budget(graph, order, intervals_per_node, keep, time_limit, workers, seed) -> int | None:
+def _smallest_budget(graph, order, intervals_per_node, keep, time_limit, workers, seed, started,
+                     stopping) -> int | None:  # fmt: skip
     """The smallest capacity a schedule with this many intervals per node fits in (the best
-    found within the time limit: an upper bound on the true smallest)."""
+    found within the time limit, or until it stalls as ``stopping`` says: an upper bound on
+    the true smallest)."""
     model = _Model(graph, order, 0, intervals_per_node, keep, minimize_budget=True)
     model.hint(no_remat_intervals(graph, order, keep))
-    solver = _solver(max(time_limit, 1.0), workers, seed)
-    status = solver.solve(model.model)
+    solver = _solver(max(time_limit - (time.perf_counter() - started), 1.0), workers, seed)
+    progress = _Progress(time.perf_counter(), 1.0)
+    with _Watch(solver, progress, started, stopping["stall_seconds"], stopping["stall_share"], 0.0):
+        status = solver.solve(model.model, progress)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return int(math.ceil(solver.value(model.capacity)))
     return None

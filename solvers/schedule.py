@@ -52,8 +52,14 @@ class Schedule:
     peak: int | None = None
     smallest_feasible_budget: int | None = None
     trace: list = field(default_factory=list)
-    phase_one: str = ""  # what found the first schedule: "plain", "local search" or "cp-sat"
+    # the schedule phase two began from: "plain", "local search", "cp-sat" or a start's name
+    phase_one: str = ""
     seconds_to_first: float | None = None  # when the first schedule within the budget was found
+    # why the search stopped: "optimal", "gap", "stalled", "time_limit" or "infeasible"
+    stopped: str = ""
+    start_costs: dict = field(default_factory=dict)  # cost of each schedule phase two could begin from
+    plan_cache: str = ""  # set by a caller that caches plans: "hit", "miss" or "off"
+    intervals_per_node: int | None = None  # set by a caller that tries several
 
     @property
     def seconds_to_best(self) -> float | None:

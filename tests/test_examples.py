@@ -1,5 +1,6 @@
 """The examples and the demo run as a user would run them."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,15 +37,19 @@ def test_fuse_pointwise_example_compiles_its_region():
     assert "@triton.jit" in out and "def pointwise_forward" in out
 
 
-def test_remat_example_trains_in_half_the_memory_with_equal_weights():
+def test_remat_example_trains_in_half_the_activation_memory_with_equal_weights():
     out = _run("remat_training.py")
     assert "pass remat" in out and "solver: moccasin" in out
+    # budget=0.5 is of the activation memory (of="activations"): the report's simulated peaks
+    before, after = (float(re.search(rf"activation peak {when}: ([0-9.]+) MiB", out).group(1)) for when in ("before", "after"))
+    assert after <= 0.5 * before + 0.05  # printed to 0.1 MiB
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(lines) == 3 and all(line.endswith("weights equal: True") for line in lines)
     for line in lines:  # "step i: peak A MiB with remat, B MiB without; ..."
         with_remat = float(line.split("peak ")[1].split(" MiB")[0])
         without = float(line.split("remat, ")[1].split(" MiB")[0])
-        assert with_remat <= 0.55 * without
+        # the whole step's measured peak: the gradients alive at the activations' peak come on top
+        assert with_remat <= 0.6 * without
 
 
 @pytest.mark.parametrize("model", ["mlp", "llama"])

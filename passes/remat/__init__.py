@@ -23,10 +23,27 @@ recomputes the fewest matmul/convolution FLOPs, pointwise ops before them; ``roo
 larger of its FLOPs and 10 per byte, nearer its time when ops run one by one as here;
 ``measured`` times every op of the graph on this machine (a second or so more to plan).
 
-The budget is a fraction of the unmodified step's peak memory of intermediate tensors
-(activations, gradients, temporaries; not the parameters or inputs), or an absolute size
-("1.5GB", "800MiB"). Exact: outputs and gradients equal the original's up to float rounding
-(recomputation repeats the same ops); random ops (dropout) are never recomputed.
+The budget bounds what ``of`` says, at every point of the step (simulated over the graph,
+freeing each tensor after its last use; never the parameters or inputs):
+
+- ``of="activations"`` (the default): the activation memory, the intermediate tensors alive
+  except the gradients the backward returns (of the parameters and inputs: the joint graph's
+  outputs after the forward's), i.e. what is saved for the backward and the temporaries of
+  both passes. Recomputation lowers it; it cannot lower the gradients, which at the small
+  batches models are fine-tuned at set the whole step's peak (what ``activation_memory_budget``
+  and ``torch.utils.checkpoint`` users mean by "half the memory").
+- ``of="peak"``: all intermediate tensors, gradients included: the whole step's peak.
+
+For ``graph="inference"`` there are no gradients and the two coincide. A fraction is of the
+unmodified step's peak of that quantity; a size ("1.5GB", "800MiB", "4096") is that many
+bytes of it. When no schedule fits, ``RematError`` says what sets the floor (the gradients,
+the outputs kept to the end, the largest op's working set, with bytes) and the smallest budget
+found, as a fraction and as a size that work when passed back; ``closest=True`` plans that
+schedule instead and warns (the report's ``budget_met`` is False, ``budget_used_bytes`` its
+peak). The report gives both peaks, activation and whole step, before and after.
+
+Exact: outputs and gradients equal the original's up to float rounding (recomputation repeats
+the same ops); random ops (dropout) are never recomputed.
 
 The pass reads top to bottom here; ``plan`` holds the planner (budget, solving, solving
 again), ``lower`` the schedule written out as graphs and the training step split on it,
@@ -43,10 +60,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from passes.remat.lower import ScheduledTraining, realize
-from passes.remat.plan import MAX_INTERVALS, Planner, RematError, parse_size
-from passes.remat.report import downsample, list_recomputations, note_resolved, solver_figures, training_report
+from passes.remat.plan import AUTO_INTERVALS, MAX_INTERVALS, Planner, RematError, parse_size
+from passes.remat.report import budget_figures, list_recomputations, note_resolved, solver_figures, training_report
 from rewrite.cost_models import DEFAULT_COST
-from rewrite.liveness import MemoryModel, liveness_profile
+from rewrite.liveness import MemoryModel
 from rewrite.memory import measure_peak
 from rewrite.pass_infra import Pass, PassContext, PassResult, option
 from rewrite.progress import note
@@ -58,17 +75,34 @@ __all__ = ["Remat", "RematError", "parse_size"]
 
 @dataclass(frozen=True)
 class Remat(Pass):
-    """Rematerialization under a memory budget, solved with CP-SAT (Moccasin)."""
+    """Rematerialization under a memory budget, solved with CP-SAT (Moccasin).
+
+    ``budget`` bounds the activation memory (``of="activations"``, the default: the step's
+    intermediate tensors but the gradients it returns) or the whole step's peak
+    (``of="peak"``), as a fraction of the unmodified step's or a size; a budget no schedule
+    fits is a ``RematError`` naming the floor and a budget that works, or, with
+    ``closest=True``, the closest schedule found and a warning. See the module's docstring.
+    """
 
     name: ClassVar[str] = "remat"
     runs_last: ClassVar[str] = "it plans the memory of the training step of the graph it is given, which a later pass would change"
     budget: float | str = option(
         0.5,
-        "memory budget: a fraction of the unmodified step's peak of intermediate tensors (1: all of it, nothing "
-        "recomputed), or a size such as 1.5GB",
+        "memory budget, of what the of option says: a fraction of the unmodified step's peak of it (1: all of "
+        "it, nothing recomputed), or a size such as 1.5GB",
         gt=0,
         le=1,
         parse=parse_size,
+    )
+    of: Literal["activations", "peak"] = option(
+        "activations",
+        "what the budget bounds: activations (the intermediate tensors alive at each point of the step but the "
+        "gradients the backward returns, which no recomputation lowers: what is saved for the backward and the "
+        "temporaries) or peak (all intermediate tensors, gradients included); the same for graph=inference",
+    )
+    closest: bool = option(
+        False,
+        "when no schedule fits the budget, plan the one with the smallest peak found and warn, rather than fail",
     )
     time_limit: float = option(
         60.0,
@@ -79,10 +113,10 @@ class Remat(Pass):
     )
     graph: Literal["training", "inference"] = option("training", "training (forward+backward step) or inference (forward only)")
     intervals: int = option(
-        2,
+        0,
         "retention intervals per tensor: at most intervals-1 recomputations each (the solver's model grows with "
-        "the square of it)",
-        ge=1,
+        f"the square of it); 0: {', then '.join(map(str, AUTO_INTERVALS))}, each tried when the search found no schedule with the one before",
+        ge=0,
         le=MAX_INTERVALS,
     )
     workers: int = option(
@@ -93,6 +127,12 @@ class Remat(Pass):
         "what a recomputation costs: flops (FLOPs plus one per byte moved: fewest recomputed matmul/conv FLOPs), "
         "roofline (the larger of FLOPs and 10 per byte: nearer time when ops run one by one) or measured (each op "
         "timed on this machine)",
+    )
+    cache: bool = option(
+        True,
+        "keep solved plans on disk ($REWRITE_PLAN_CACHE, else $XDG_CACHE_HOME/rewrite/plans or "
+        "~/.cache/rewrite/plans) and reuse one for the same step, budget and options; files are JSON, checked "
+        "before use",
     )
 
     def check(self, gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -124,11 +164,11 @@ class Remat(Pass):
             measured_after = measure_peak(lambda: _train_step(lambda: step(gm, args, kwargs), params))
         with buffers_kept(gm):
             measured_before = measure_peak(lambda: _train_step(lambda: gm(*args, **kwargs), params))
-        _, schedule, plain_peak = planner.schedules[-1]
+        _, schedule, _ = planner.schedules[-1]
         # Later calls with other shapes are planned again; tell the user when that happens.
         step.on_compile = note
         gm.meta[TRAINING_STEP] = step
-        result = training_report(part, schedule, plain_peak, self.cost)
+        result = training_report(part, schedule, self.cost, self.of, planner.closest)
         note_resolved(result, planner.resolved)
         result.figures["measured_peak_before_bytes"] = measured_before
         result.figures["measured_peak_after_bytes"] = measured_after
@@ -141,7 +181,7 @@ class Remat(Pass):
         model = MemoryModel.from_graph(gm.graph, cost=self.cost)
         planner = Planner(self)
         intervals = planner(model)
-        _, schedule, plain_peak = planner.schedules[-1]
+        _, schedule, _ = planner.schedules[-1]
         with torch.no_grad():
             measured_before = measure_peak(lambda: gm(*ctx.example_args, **ctx.example_kwargs))
         new_graph, _ = realize(model, intervals)
@@ -149,15 +189,13 @@ class Remat(Pass):
         gm.recompile()
         with torch.no_grad():
             measured_after = measure_peak(lambda: gm(*ctx.example_args, **ctx.example_kwargs))
-        part_curve = liveness_profile(gm.graph)
         result = PassResult()
         note_resolved(result, planner.resolved)
         list_recomputations(result, model, intervals, None)
         result.figures.update(
             {
-                "budget_bytes": schedule.budget,
-                "simulated_peak_before_bytes": plain_peak,
-                "simulated_peak_after_bytes": max(part_curve, default=0),
+                # a forward graph returns no gradients: its activation and whole peaks are one
+                **budget_figures(result, model.fx_graph, gm.graph, schedule, self.of, planner.closest),
                 **solver_figures(schedule),
                 "cost_model": self.cost,
                 "recomputed_tensors": len(result.changes),
@@ -165,11 +203,6 @@ class Remat(Pass):
                 "measured_peak_after_bytes": measured_after,
             }
         )
-        result.series = {
-            "memory_before": downsample(liveness_profile(model.fx_graph)),
-            "memory_after": downsample(part_curve),
-            "budget": schedule.budget,
-        }
         return result
 
 

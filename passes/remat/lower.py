@@ -27,12 +27,16 @@ from rewrite.training_step import TrainingStep
 aten = torch.ops.aten
 
 
-def _recomputation(node: fx.Node, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
-    """The op, arguments and keyword arguments that recompute ``node``'s outputs."""
+def _recomputation(node: fx.Node, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict, Any]:
+    """The op, arguments and keyword arguments that recompute ``node``'s outputs, and the
+    value (``meta["val"]``) the recomputation traces to."""
+    val = node.meta.get("val")
     if is_training_batch_norm(node):
+        # without the running statistics (updated once, by the first computation): the
+        # output, mean and inverse std, as the functional op's first three outputs
         x, weight, bias, _mean, _var, training, momentum, eps = args
-        return aten._native_batch_norm_legit.no_stats, (x, weight, bias, training, momentum, eps), kwargs
-    return node.target, args, kwargs
+        return aten._native_batch_norm_legit.no_stats, (x, weight, bias, training, momentum, eps), kwargs, val[:3]
+    return node.target, args, kwargs, val
 
 
 def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node, int]]:
@@ -77,11 +81,13 @@ def realize(model: MemoryModel, intervals: dict) -> tuple[fx.Graph, dict[fx.Node
     def emit(node: fx.Node, t: int, name: str, again: bool = False) -> fx.Node:
         args = fx.node.map_arg(node.args, lambda a: value(a, t))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: value(a, t))
-        target = node.target
+        target, val = node.target, node.meta.get("val")
         if again:
-            target, args, kwargs = _recomputation(node, args, kwargs)
+            target, args, kwargs, val = _recomputation(node, args, kwargs)
         copy = new.create_node(node.op, target, args, kwargs, name=name)
         copy.meta = dict(node.meta)
+        if val is not None:
+            copy.meta["val"] = val
         when[copy] = t
         return copy
 

@@ -3,7 +3,10 @@
 ``Planner`` solves one ``rewrite.liveness.MemoryModel`` with CP-SAT in the Moccasin
 formulation (``solvers.moccasin``) and checks the schedule on the graph ``realize`` writes
 (``passes.remat.lower``); when that step is over the budget it solves again with the excess
-off the budget. No schedule raises ``RematError`` with what budget would do.
+off the budget. The memory counted is what the ``of`` option says: the activation memory
+(the gradients the step returns count nothing) or the whole step's. No schedule raises
+``RematError`` with what sets the floor and what budget would do, or, with ``closest``, takes
+the closest schedule found and warns.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from passes.remat.lower import realize
 from passes.remat.report import explain
 from rewrite.errors import PassError
-from rewrite.liveness import MemoryModel, liveness_profile
+from rewrite.liveness import MemoryModel, activation_profile, liveness_profile
+from rewrite.report import format_bytes
 
 if TYPE_CHECKING:
     from passes.remat import Remat
@@ -29,6 +34,11 @@ _RETRIES = 2
 # The CP-SAT model grows with the square of the intervals per tensor (a 500-node graph: 0.06 s
 # and 5k variables to build at 2, 0.8 s and 62k at 8, 13 s, 830k and 1.4 GB at 32).
 MAX_INTERVALS = 8
+# intervals=0 tries these in turn, the next when the search found no schedule with one (not
+# when the budget is below what any schedule needs). More intervals make a budget easier to
+# meet (HF Llama with eager attention at half its activation memory: no schedule found at 2
+# within the stall rule, one in 0.1 s of local search at 3) and the model larger.
+AUTO_INTERVALS = (2, 3, 4)
 
 
 def parse_size(text: str) -> int:
@@ -59,6 +69,10 @@ class Planner:
     schedules: list = field(default_factory=list)
     resolved: list = field(default_factory=list)  # bytes over the budget of each schedule solved again
     _solved: dict = field(default_factory=dict)  # problem -> schedule: the same step traced again
+    # (schedule, budget asked, peak it reaches) of each schedule taken over the budget (``closest``)
+    closest: list = field(default_factory=list)
+    # (schedule, its peak once written out) of the last schedule the last solve found, if any
+    last_found: tuple | None = None
 
     def budget_bytes(self, plain_peak: int) -> int:
         budget = self.remat.budget
@@ -67,17 +81,20 @@ class Planner:
         return math.floor(budget * plain_peak)
 
     def __call__(self, model: MemoryModel) -> dict:
-        from solvers import moccasin
-
-        plain_peak = max(liveness_profile(model.fx_graph), default=0)
+        # of="activations": the gradients the backward returns count nothing, in the solver's
+        # graph and in the realized step; no recomputation lowers them
+        activations = self.remat.of == "activations"
+        graph = model.activation_graph() if activations else model.graph
+        measure = activation_profile if activations else liveness_profile
+        plain_peak = max(measure(model.fx_graph), default=0)
         budget = self.budget_bytes(plain_peak)
         problem = (
             tuple(model.order),
-            tuple(sorted(model.graph.edges)),
+            tuple(sorted(graph.edges)),
             # measured costs differ run to run: the same step traced again is known by its ops
             tuple(
                 (n, d["mem"], d["cost"] if self.remat.cost != "measured" else None, d["recompute"])
-                for n, d in model.graph.nodes(data=True)
+                for n, d in graph.nodes(data=True)
             ),
             tuple(str(u.node.target) for u in model.units),
             tuple(sorted(model.keep)),
@@ -87,31 +104,110 @@ class Planner:
             schedule = self._solved[problem]
             self.schedules.append((model, schedule, plain_peak))
             return schedule.intervals
-        target, realized = budget, None
-        for _ in range(_RETRIES + 1):
-            schedule = moccasin.solve(
-                model.graph,
-                model.order,
-                target,
-                intervals_per_node=self.remat.intervals,
-                time_limit=self.remat.time_limit,
-                workers=self.remat.workers or os.cpu_count() or 1,
-                keep=model.keep,
-            )
-            if not schedule.has_schedule:
+        from solvers.moccasin import lower_bound_budget
+
+        starts = {}
+        settings = (self.remat.intervals,) if self.remat.intervals else AUTO_INTERVALS
+        for intervals in settings:
+            target, realized = budget, None
+            self.last_found = None
+            for _ in range(_RETRIES + 1):
+                schedule = self._solve(graph, model, target, starts, intervals)
+                if not schedule.has_schedule:
+                    break
+                # The solver counts each output of a multi-output op from a position of its own;
+                # the op allocates them all at once (and a recomputed one all its outputs again):
+                # the realized step is what must fit. Short of it, ask again with the excess off.
+                realized = max(measure(realize(model, schedule.intervals)[0]), default=0)
+                self.last_found = schedule, realized
+                if realized <= budget:
+                    break
+                self.resolved.append(realized - budget)
+                target -= realized - budget
+            schedule.intervals_per_node = intervals
+            if (schedule.has_schedule and realized <= budget) or budget < lower_bound_budget(graph, model.order, model.keep):
                 break
-            # The solver counts each output of a multi-output op from a position of its own;
-            # the op allocates them all at once (and a recomputed one all its outputs again):
-            # the realized step is what must fit. Short of it, ask again with the excess off.
-            realized = max(liveness_profile(realize(model, schedule.intervals)[0]), default=0)
-            if realized <= budget:
-                break
-            self.resolved.append(realized - budget)
-            target -= realized - budget
         schedule.budget = budget
         self.schedules.append((model, schedule, plain_peak))
         if not schedule.has_schedule or realized > budget:
-            more = self.remat.intervals + 1 if self.remat.intervals < MAX_INTERVALS else None
-            raise RematError(explain(schedule, plain_peak, realized if self.resolved else None, more))
+            more = intervals + 1 if intervals < MAX_INTERVALS else None
+            fallback = self._fallback(model, schedule)
+            why = explain(
+                schedule,
+                plain_peak,
+                realized if self.resolved else None,
+                more,
+                model=model,
+                of=self.remat.of,
+                fits=fallback[1] if fallback else None,
+            )
+            if not self.remat.closest:
+                raise RematError(why)
+            if fallback is None:
+                raise RematError(f"{why} (closest=True: no schedule was found to take instead)")
+            closest, reached = fallback
+            self.closest.append((closest, budget, reached))
+            self.schedules.append((model, closest, plain_peak))
+            warnings.warn(
+                f"remat: {why}. closest=True: planned the closest schedule found instead, which peaks at "
+                f"{format_bytes(reached)} ({reached} B) of {'activation memory' if activations else 'the step'}",
+                stacklevel=2,
+            )
+            return closest.intervals
         self._solved[problem] = schedule
         return schedule.intervals
+
+    def _solve(self, graph, model: MemoryModel, target: int, starts: dict, intervals: int):
+        """``moccasin.solve`` at ``target`` bytes through the plan cache (the ``cache`` option),
+        started from min-cut's and checkpointing's schedules where they fit
+        (``passes.remat.hints``; computed into ``starts`` once per model, and only when the
+        plain step does not fit)."""
+        from passes.remat import cache, hints
+        from solvers import moccasin
+        from solvers.schedule import no_remat_intervals, peak_memory
+
+        key = None
+        if self.remat.cache:
+            key = cache.problem_key(graph, model, target, intervals, self.remat.cost)
+            cached = cache.load(key, graph, model, target, intervals, self.remat.time_limit)
+            if cached is not None:
+                return cached
+        if not starts and peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) > target:
+            starts.update(hints.training_starts(model))
+        schedule = moccasin.solve(
+            graph,
+            model.order,
+            target,
+            intervals_per_node=intervals,
+            time_limit=self.remat.time_limit,
+            workers=self.remat.workers or os.cpu_count() or 1,
+            keep=model.keep,
+            starts=starts,
+        )
+        schedule.plan_cache = "off" if key is None else "miss"
+        if key is not None and schedule.has_schedule:
+            cache.store(key, schedule, self.remat.time_limit)
+        return schedule
+
+    def _fallback(self, model: MemoryModel, schedule) -> tuple | None:
+        """The schedule closest to a budget none fits, and the peak it reaches once written
+        out: the last one found, when it was over the budget only once written out, else one
+        solved (and checked written out) at the smallest budget the solver found; None when
+        there is none. Its peak is a budget that works when passed back."""
+        if self.last_found is not None:
+            return self.last_found
+        smallest = schedule.smallest_feasible_budget
+        if smallest is None or smallest <= schedule.budget:
+            return None
+        fixed = schedule.intervals_per_node or self.remat.intervals  # the setting that found it
+        again = Planner(replace(self.remat, budget=f"{smallest}B", closest=False, intervals=fixed), self.schedules, self.resolved, self._solved)
+        try:
+            again(model)
+        except RematError:
+            pass  # over that budget once written out: the last schedule still runs, at its peak
+        if again.last_found is None and self.schedules[-1][1].has_schedule:  # solved before, at that budget
+            found = self.schedules[-1][1]
+            measure = activation_profile if self.remat.of == "activations" else liveness_profile
+            return found, max(measure(realize(model, found.intervals)[0]), default=0)
+        return again.last_found
+

@@ -1,19 +1,24 @@
 """Writing a schedule back out as a graph and splitting the training step on it
 (passes.remat.lower), on graphs small enough to check by hand."""
 
+import copy
 import operator
 
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from passes.remat.lower import ScheduledTraining, realize
-from rewrite import zoo
+from passes import Remat
+from passes.remat.lower import ScheduledTraining, _forward_end, realize
+from rewrite import optimize, zoo
 from rewrite.capture import capture
 from rewrite.liveness import MemoryModel, liveness_profile
 from rewrite.memory import measure_peak
-from rewrite.node_kinds import is_alias
+from rewrite.node_kinds import is_alias, is_training_batch_norm
+from rewrite.training_step import TRAINING_STEP
 from solvers.schedule import validate
 from helpers import views_and_a_two_output_op
 
@@ -217,3 +222,106 @@ def test_joint_graph_memory_model_and_plain_realization():
     want_grads = torch.autograd.grad((model(x) * weight).sum(), list(model.parameters()))
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- layouts the trace fixed
+
+
+class _TransposedBatchNorm(nn.Module):
+    """Blocks of Linear -> GELU -> BatchNorm1d over the features of a [B, T, C] sequence (taken
+    as [B, C, T], a transposed view, and back), then a Linear. The CPU batch norm returns a
+    contiguous tensor for the transposed input; its meta kernel, which the step is traced with,
+    one strided like the input: the trace writes the next Linear's input as a ``view`` that
+    only the traced layout allows."""
+
+    def __init__(self, features: int = 16, blocks: int = 3):
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(features, features) for _ in range(blocks))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(features) for _ in range(blocks))
+        self.head = nn.Linear(features, features)
+
+    def forward(self, x):
+        for linear, norm in zip(self.linears, self.norms):
+            x = norm(F.gelu(linear(x)).transpose(1, 2)).transpose(1, 2)
+        return self.head(x)
+
+
+def _assert_trains_like(module, reference, inputs: list[torch.Tensor], steps: int = 2):
+    """``steps`` training steps of a random projection of the output: gradients and batch-norm
+    statistics equal the eager reference's."""
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        x = inputs[step % len(inputs)]
+        out = reference(x)
+        weight = torch.randn(out.shape, generator=gen)
+        want = torch.autograd.grad((out * weight).sum(), list(reference.parameters()))
+        got = torch.autograd.grad((module(x) * weight).sum(), list(module.parameters()))
+        for (name, _), g, w in zip(reference.named_parameters(), got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=f"step {step}: grad of {name}")
+        for (name, g), w in zip(module.named_buffers(), reference.buffers()):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
+
+
+def test_batch_norm_of_a_transposed_tensor_trains_under_remat():
+    torch.manual_seed(0)
+    model = _TransposedBatchNorm()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8, 16)
+    m = optimize(model, [Remat(budget=0.7, time_limit=5)], (x,))
+    _assert_trains_like(m, reference, [x, torch.randn(4, 8, 16)])
+
+
+def _recompute_batch_norms_in_the_backward(model: MemoryModel) -> dict:
+    """The plain schedule, except that each training batch norm's output is dropped after its
+    forward reads and recomputed just before its first read in the backward."""
+    intervals = model.plain_intervals()
+    position = {name: t for t, name in enumerate(model.order)}
+    boundary = _forward_end(model)
+    for unit in model.units:
+        if not (is_training_batch_norm(unit.node) and unit.index == 0):
+            continue
+        reads = sorted(position[s] for s in model.graph.successors(unit.name))
+        forward, backward = [t for t in reads if t < boundary], [t for t in reads if t >= boundary]
+        assert forward and backward, unit.name
+        intervals[unit.name] = [(position[unit.name], forward[-1]), (backward[0], backward[-1])]
+    validate(model.graph, model.order, intervals, keep=model.keep)
+    return intervals
+
+
+def test_a_recomputed_batch_norm_of_a_transposed_tensor_has_its_traced_value_and_layout():
+    torch.manual_seed(0)
+    model = _TransposedBatchNorm(blocks=2)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8, 16)
+    gm = capture(model, (x,), None, mode="train").graph_module
+    step = ScheduledTraining(_recompute_batch_norms_in_the_backward)
+    part = step.prepare(gm, (x,), {})
+    recomputed = [n for n in part.joint.nodes if n.target is aten._native_batch_norm_legit.no_stats]
+    assert len(recomputed) == 2
+    for node in recomputed:
+        # the op without statistics gives the output, mean and inverse std: so does its value
+        out, mean, invstd = node.meta["val"]
+        assert out.shape == (4, 16, 8) and mean.shape == invstd.shape == (16,)
+    # the simulation counts what the recomputation allocates (three outputs, not five)
+    assert max(liveness_profile(part.joint)) == max(part.model.profile(part.intervals))
+
+    class Stepped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, x):
+            return step(gm, (x,), {})
+
+    _assert_trains_like(Stepped(), reference, [x, torch.randn(4, 8, 16)])
+
+
+def test_a_training_call_with_a_layout_other_than_the_traced_one_trains_like_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8, 16)
+    m = optimize(model, [Remat(budget=1.0, time_limit=5)], (x,))  # traced with a contiguous batch
+    transposed = torch.randn(4, 16, 8).transpose(1, 2)  # the same shape, another layout
+    _assert_trains_like(m, reference, [transposed, x])
+    assert len(m.meta[TRAINING_STEP].partitions) == 1  # put into the traced layout, not planned again

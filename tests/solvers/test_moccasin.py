@@ -363,3 +363,77 @@ def test_phase_one_is_hinted_into_phase_two_on_a_thousand_nodes():
     assert result.has_schedule and result.phase_one == "local search"
     validate(graph, order, result.intervals, budget)
     assert result.objective == recompute_cost(graph, result.intervals) <= result.trace[0][1]
+
+
+class _Progress:
+    def __init__(self, best, improved):
+        self.best, self.improved = best, improved
+
+
+def test_early_stopping_says_why():
+    from ortools.sat.python import cp_model
+
+    solver = cp_model.CpSolver()
+    watch = moccasin._Watch(solver, _Progress(100, 0.0), 0.0, stall_seconds=2.0, stall_share=0.25, gap=0.01)
+    assert watch.check(1.0) is None  # improved a second ago, no bound yet
+    assert watch.check(2.5) == "stalled"  # no better schedule for max(2 s, 0.25 x 2.5 s)
+    watch.progress.improved = 80.0
+    assert watch.check(106.0) is None  # 26 s without one after 106 s: under a quarter of it
+    assert watch.check(108.0) == "stalled"
+    watch.bound = 98.0
+    assert watch.check(81.0) is None  # a gap of 2%
+    watch.bound = 99.5
+    assert watch.check(81.0) == "gap"
+    endless = moccasin._Watch(solver, _Progress(100, 0.0), 0.0, stall_seconds=None, stall_share=0.25, gap=0.0)
+    endless.bound = 100
+    assert endless.check(1e6) is None
+    above = moccasin._Watch(solver, _Progress(120, 0.0), 0.0, None, 0.25, 0.0, bound_above=100)
+    above.bound = 101
+    assert above.check(1.0) == "bound"
+
+
+def test_early_stopping_stops_well_before_the_time_limit_and_says_why():
+    graph, order = random_layered_graph(300, seed=5, width=8, fan_in=4, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.8)
+    result = moccasin.solve(graph, order, budget, time_limit=60, workers=2, find_smallest_budget=False)
+    assert result.has_schedule and result.stopped in ("gap", "stalled", "optimal")
+    assert result.seconds < 30
+    validate(graph, order, result.intervals, budget)
+    if result.stopped == "gap":
+        assert result.objective - result.bound <= moccasin.GAP * result.objective + 1e-9
+
+
+def test_early_stopping_is_within_tolerance_of_a_long_solve():
+    graph, order = random_layered_graph(80, seed=2, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.75)
+    long = moccasin.solve(graph, order, budget, time_limit=5, workers=2, gap=0.0, stall_seconds=None,
+                          find_smallest_budget=False)  # fmt: skip
+    early = moccasin.solve(graph, order, budget, time_limit=5, workers=2, find_smallest_budget=False)
+    assert long.has_schedule and early.has_schedule and early.stopped
+    assert long.stopped in ("optimal", "time_limit")
+    assert early.objective <= long.objective * 1.05
+    validate(graph, order, early.intervals, budget)
+
+
+def test_an_infeasible_budget_fails_in_seconds():
+    # far below any schedule with one recomputation per node, though above the bound that
+    # answers at once: the local search, CP-SAT lowering the peak, both stop early
+    graph, order = random_layered_graph(150, seed=5, width=8, fan_in=4, skip=0.3)
+    budget = moccasin.lower_bound_budget(graph, order)
+    result = moccasin.solve(graph, order, budget, time_limit=60, workers=2)
+    assert not result.has_schedule and result.status in ("infeasible", "unknown")
+    assert result.seconds < 25
+    assert result.smallest_feasible_budget is None or result.smallest_feasible_budget > budget
+
+
+def test_a_start_that_fits_begins_phase_two_and_bad_ones_are_ignored():
+    graph, order = training_chain(8)
+    base = peak_memory(graph, order, no_remat_intervals(graph, order))
+    optimum = moccasin.solve(graph, order, base - 3, time_limit=10, workers=2, intervals_per_node=3)
+    over = no_remat_intervals(graph, order)  # valid, but over the budget
+    too_many = {v: [(s, s) for s in range(order.index(v), len(order), 2)] for v in order}
+    starts = {"given": optimum.intervals, "over the budget": over, "broken": too_many, "not a schedule": {"f0": []}}
+    result = moccasin.solve(graph, order, base - 3, time_limit=10, workers=2, intervals_per_node=3, starts=starts)
+    assert set(result.start_costs) <= {"given", "local search"} and "given" in result.start_costs
+    assert result.objective == optimum.objective
+    assert result.phase_one == min(result.start_costs, key=result.start_costs.get)
