@@ -473,7 +473,7 @@ def build_mincut(model: nn.Module, setting: float, inputs: tuple, params) -> Met
 
 
 def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_limit: float, workers: int,
-               cost: str = "flops", intervals: int = 2, of: str = "peak") -> Method:
+               cost: str = "flops", intervals: int = 0, of: str = "peak") -> Method:
     """of="peak": the budget is b * P0 bytes of the whole step (``budget="<bytes>B"``);
     of="activations": the fraction b of the step's activation memory (the pass's default)."""
     key = f"ours {cost} b={budget:g}" if of == "peak" else f"ours {cost} b={budget:g} of activations"
@@ -507,7 +507,7 @@ def build_ours(model: nn.Module, budget: float, p0: int, inputs: tuple, time_lim
 
 
 def run_case(case: Case, budgets, settings, time_limit: float, workers: int, steps: int, log,
-             costs: tuple[str, ...] = ("flops",), intervals: int = 2) -> dict:
+             costs: tuple[str, ...] = ("flops",), intervals: int = 0) -> dict:
     model, inputs = case.model, case.inputs
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -844,10 +844,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--models", default=",".join(MODELS), help=f"models to run, from {','.join(MODELS)}")
     _add(parser, "--model-budgets", default=None,
          help="budgets as fractions of the measured plain step's peak (default 0.4,...,0.9; quick 0.5,0.8)")  # fmt: skip
-    _add(parser, "--time-limit", type=float, default=None, help="seconds per remat solve (default 30, quick 3)")
+    _add(parser, "--time-limit", type=float, default=None, help="seconds per remat solve (default: the pass's, 60; its early stopping usually ends a solve in seconds)")
     _add(parser, "--workers", type=int, default=os.cpu_count() or 1, help="CP-SAT workers")
     _add(parser, "--steps", type=int, default=None, help="timed steps per method (default 5, quick 2)")
-    _add(parser, "--intervals", type=int, default=2, help="ours: retention intervals per tensor (Remat's intervals)")
+    _add(parser, "--intervals", type=int, default=0, help="ours: retention intervals per tensor (Remat's intervals; 0, its default: 2, then 3, then 4)")
     _add(parser, "--cost", default=None,
          help=f"cost models ours plans with, comma-separated, from {','.join(COST_MODELS)} (the first leads the tables; "
               "default flops,roofline,measured, quick flops)")  # fmt: skip
@@ -862,7 +862,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     budgets_text = getattr(args, "model_budgets", None)
     budgets = tuple(float(b) for b in budgets_text.split(",")) if budgets_text else (QUICK_BUDGETS if quick else BUDGETS)
     settings = tuple(sorted(set(QUICK_MINCUT_SETTINGS if quick else MINCUT_SETTINGS) | set(budgets)))
-    time_limit = getattr(args, "time_limit", None) or (3.0 if quick else 30.0)
+    time_limit = getattr(args, "time_limit", None) or passes.Remat.time_limit
     steps = getattr(args, "steps", None) or (2 if quick else 5)
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
     cost_text = getattr(args, "cost", None) or ("flops" if quick else "flops,roofline,measured")
@@ -876,13 +876,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     log("\n## remat on real models: ours vs min-cut (activation_memory_budget) vs torch.utils.checkpoint\n")
     log(f"machine: {machine()}; remat time limit {time_limit:g} s per solve, {workers} CP-SAT workers; "
         f"budgets {', '.join(f'{b:g}' for b in budgets)}; min-cut settings {', '.join(f'{s:g}' for s in settings)}; "
-        f"{steps} timed steps; ours with cost {', '.join(costs)}, {getattr(args, 'intervals', 2)} intervals per tensor")  # fmt: skip
+        f"{steps} timed steps; ours with cost {', '.join(costs)}, {getattr(args, 'intervals', 0) or 'auto'} intervals per tensor")  # fmt: skip
     log(f"code: {code_state()}")
     results = []
     for name in names:
         started = time.perf_counter()
         result = run_case(CASES[name](quick), budgets, settings, time_limit, workers, steps, log, costs,
-                          getattr(args, "intervals", 2))  # fmt: skip
+                          getattr(args, "intervals", 0))  # fmt: skip
         result["seconds"] = round(time.perf_counter() - started, 1)
         print_tables(result, log)
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in result["phase_seconds"].items())

@@ -45,15 +45,31 @@ def _with_strides(value: Any, strides: tuple | None) -> Any:
     return torch.empty_strided(value.shape, strides, dtype=value.dtype, device=value.device).copy_(value)
 
 
-def _in_traced_layout(value: Any, traced: Any) -> Any:
-    """``value`` (an op's output: a tensor or a tuple of them) in the layout of ``traced``,
-    the fake value the op was traced with."""
-    if isinstance(value, (tuple, list)) and isinstance(traced, (tuple, list)) and len(value) == len(traced):
-        fixed = [_in_traced_layout(v, t) for v, t in zip(value, traced)]
+def _layout(traced: Any) -> Any:
+    """The layout of a traced (fake) value to hold an op's output to: (shape, strides) of a
+    tensor with concrete ones, a list of those for a tuple, None where there is nothing to
+    hold to (symbolic sizes, non-tensors)."""
+    if isinstance(traced, (tuple, list)):
+        parts = [_layout(t) for t in traced]
+        return parts if any(p is not None for p in parts) else None
+    if isinstance(traced, torch.Tensor):
+        shape, strides = tuple(traced.shape), tuple(traced.stride())
+        if all(isinstance(n, int) for n in (*shape, *strides)):
+            return shape, strides
+    return None
+
+
+def _in_layout(value: Any, layout: Any) -> Any:
+    """``value`` (an op's output: a tensor or a tuple of them) in ``layout`` (``_layout``)."""
+    if isinstance(layout, list):
+        if not isinstance(value, (tuple, list)) or len(value) != len(layout):
+            return value
+        fixed = [v if part is None else _in_layout(v, part) for v, part in zip(value, layout)]
         return value if all(f is v for f, v in zip(fixed, value)) else type(value)(fixed)
-    if isinstance(traced, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == traced.shape:
-        return _with_strides(value, traced.stride())
-    return value
+    shape, strides = layout
+    if not isinstance(value, torch.Tensor) or value.stride() == strides or value.shape != shape:
+        return value
+    return _with_strides(value, strides)
 
 
 class _TracedLayout(fx.Interpreter):
@@ -64,13 +80,29 @@ class _TracedLayout(fx.Interpreter):
     input returns a contiguous tensor, its meta kernel one strided like the input), a view the
     trace wrote for the traced layout (``linear`` on the transposed back result becomes
     ``view`` + ``mm``) fails or reads the wrong elements. Views follow their base, so only the
-    outputs of ops that own their memory are put back into the traced layout."""
+    outputs of ops that own their memory are put back into the traced layout. ``layouts``
+    (``traced_layouts``) is computed once per graph: checking a node costs one stride
+    comparison."""
+
+    def __init__(self, gm: fx.GraphModule, layouts: dict[fx.Node, Any]):
+        super().__init__(gm)
+        self.layouts = layouts
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
+        layout = self.layouts.get(n)
+        return out if layout is None else _in_layout(out, layout)
+
+
+def traced_layouts(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """Node -> the layout its output is held to, for the ops of ``gm`` that own their memory."""
+    layouts = {}
+    for n in gm.graph.nodes:
         if n.op == "call_function" and not is_alias(n):
-            out = _in_traced_layout(out, n.meta.get("val"))
-        return out
+            layout = _layout(n.meta.get("val"))
+            if layout is not None:
+                layouts[n] = layout
+    return layouts
 
 
 def _boxed(gm: fx.GraphModule, example_inputs) -> Callable:
@@ -78,8 +110,10 @@ def _boxed(gm: fx.GraphModule, example_inputs) -> Callable:
     soon as their last use has run (the saved tensors in the backward, in particular), each
     op's output in the layout it was traced with (``_TracedLayout``)."""
 
+    layouts = traced_layouts(gm)
+
     def run(args: list) -> Any:
-        return _TracedLayout(gm).boxed_run(args)
+        return _TracedLayout(gm, layouts).boxed_run(args)
 
     run._boxed_call = True
     return run

@@ -130,7 +130,8 @@ class Planner:
         schedule.budget = budget
         self.schedules.append((model, schedule, plain_peak))
         if not schedule.has_schedule or realized > budget:
-            more = intervals + 1 if intervals < MAX_INTERVALS else None
+            below_floor = budget < lower_bound_budget(graph, model.order, model.keep)  # more intervals cannot help
+            more = intervals + 1 if intervals < MAX_INTERVALS and not below_floor else None
             fallback = self._fallback(model, schedule)
             why = explain(
                 schedule,

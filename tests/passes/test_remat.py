@@ -263,7 +263,8 @@ def test_impossible_budget_names_the_smallest_feasible_one_and_leaves_the_model_
         optimize(model, [Remat(budget=0.01, time_limit=3)], inputs, verify=False)
     fraction, size = _smallest_from(str(caught.value))
     assert 0.01 < fraction < 1 and size > 0
-    assert "intervals=3" in str(caught.value)  # the other way out: one more recomputation each
+    # below what any schedule needs: more recomputations cannot help, so none are suggested
+    assert "no schedule needs less than" in str(caught.value) and "intervals=" not in str(caught.value)
     assert "Traceback" not in str(caught.value)
     after = _state(model)
     assert before.keys() == after.keys()
@@ -600,7 +601,7 @@ def test_a_call_whose_new_shape_no_schedule_fits_raises_a_rewrite_error_with_the
     message = str(caught.value)
     assert message.startswith("pass 'remat': no schedule fits the budget")
     _, size = _smallest_from(message)
-    assert size > 150_000 and "intervals=3" in message
+    assert size > 150_000 and "raise the budget" in message  # below the floor: no other way out
 
 
 @pytest.mark.parametrize("name", list(MODELS))
