@@ -39,6 +39,7 @@ MAX_INTERVALS = 8
 # meet (HF Llama with eager attention at half its activation memory: no schedule found at 2
 # within the stall rule, one in 0.1 s of local search at 3) and the model larger.
 AUTO_INTERVALS = (2, 3, 4)
+_PROBE_SECONDS = 3.0  # the most the local search may take per setting to decide the order
 
 
 def parse_size(text: str) -> int:
@@ -59,6 +60,24 @@ class RematError(PassError):
 
     def __init__(self, message: str):
         super().__init__("remat", message)
+
+
+def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[int, ...]:
+    """``AUTO_INTERVALS`` in the order to try them: first the fewest with which the local
+    search alone meets ``budget`` (about a second when it cannot, milliseconds when it can),
+    so that a setting with which only CP-SAT's slower phase one could find a schedule is not
+    tried first; as they are when the search meets it with none, or the plain step fits."""
+    from solvers.moccasin import greedy_schedule, lower_bound_budget
+    from solvers.schedule import no_remat_intervals, peak_memory
+
+    if budget < lower_bound_budget(graph, model.order, model.keep):
+        return AUTO_INTERVALS
+    if peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= budget:
+        return AUTO_INTERVALS
+    for intervals in AUTO_INTERVALS:
+        if greedy_schedule(graph, model.order, budget, intervals, model.keep, time_limit=_PROBE_SECONDS) is not None:
+            return (intervals, *(i for i in AUTO_INTERVALS if i != intervals))
+    return AUTO_INTERVALS
 
 
 @dataclass
@@ -107,7 +126,7 @@ class Planner:
         from solvers.moccasin import lower_bound_budget
 
         starts = {}
-        settings = (self.remat.intervals,) if self.remat.intervals else AUTO_INTERVALS
+        settings = (self.remat.intervals,) if self.remat.intervals else _auto_order(graph, model, budget)
         for intervals in settings:
             target, realized = budget, None
             self.last_found = None
