@@ -67,11 +67,9 @@ def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[int, ...]:
     search alone meets ``budget`` (about a second when it cannot, milliseconds when it can),
     so that a setting with which only CP-SAT's slower phase one could find a schedule is not
     tried first; as they are when the search meets it with none, or the plain step fits."""
-    from solvers.moccasin import greedy_schedule, lower_bound_budget
+    from solvers.moccasin import greedy_schedule
     from solvers.schedule import no_remat_intervals, peak_memory
 
-    if budget < lower_bound_budget(graph, model.order, model.keep):
-        return AUTO_INTERVALS
     if peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= budget:
         return AUTO_INTERVALS
     for intervals in AUTO_INTERVALS:
@@ -93,6 +91,11 @@ class Planner:
     # (schedule, its peak once written out) of the last schedule the last solve found, if any
     last_found: tuple | None = None
 
+    @property
+    def _measure(self):
+        """The memory profile the budget bounds: activations (the gradients left out) or all."""
+        return activation_profile if self.remat.of == "activations" else liveness_profile
+
     def budget_bytes(self, plain_peak: int) -> int:
         budget = self.remat.budget
         if isinstance(budget, str):
@@ -104,7 +107,7 @@ class Planner:
         # graph and in the realized step; no recomputation lowers them
         activations = self.remat.of == "activations"
         graph = model.activation_graph() if activations else model.graph
-        measure = activation_profile if activations else liveness_profile
+        measure = self._measure
         plain_peak = max(measure(model.fx_graph), default=0)
         budget = self.budget_bytes(plain_peak)
         problem = (
@@ -125,8 +128,12 @@ class Planner:
             return schedule.intervals
         from solvers.moccasin import lower_bound_budget
 
+        below_floor = budget < lower_bound_budget(graph, model.order, model.keep)  # no schedule, whatever the intervals
         starts = {}
-        settings = (self.remat.intervals,) if self.remat.intervals else _auto_order(graph, model, budget)
+        if self.remat.intervals:
+            settings = (self.remat.intervals,)
+        else:  # below the floor one solve says so (and finds the smallest budget), at the fewest
+            settings = AUTO_INTERVALS[:1] if below_floor else _auto_order(graph, model, budget)
         for intervals in settings:
             target, realized = budget, None
             self.last_found = None
@@ -144,12 +151,11 @@ class Planner:
                 self.resolved.append(realized - budget)
                 target -= realized - budget
             schedule.intervals_per_node = intervals
-            if (schedule.has_schedule and realized <= budget) or budget < lower_bound_budget(graph, model.order, model.keep):
+            if (schedule.has_schedule and realized <= budget) or below_floor:
                 break
         schedule.budget = budget
         self.schedules.append((model, schedule, plain_peak))
         if not schedule.has_schedule or realized > budget:
-            below_floor = budget < lower_bound_budget(graph, model.order, model.keep)  # more intervals cannot help
             more = intervals + 1 if intervals < MAX_INTERVALS and not below_floor else None
             fallback = self._fallback(model, schedule)
             why = explain(
@@ -227,7 +233,6 @@ class Planner:
             pass  # over that budget once written out: the last schedule still runs, at its peak
         if again.last_found is None and self.schedules[-1][1].has_schedule:  # solved before, at that budget
             found = self.schedules[-1][1]
-            measure = activation_profile if self.remat.of == "activations" else liveness_profile
-            return found, max(measure(realize(model, found.intervals)[0]), default=0)
+            return found, max(self._measure(realize(model, found.intervals)[0]), default=0)
         return again.last_found
 
