@@ -347,6 +347,7 @@ def solve(
     stall_seconds: float | None = STALL_SECONDS,
     stall_share: float = STALL_SHARE,
     starts: dict | None = None,
+    search_kicks: bool = True,
 ) -> Schedule:
     """The cheapest schedule within ``budget`` found in ``time_limit`` seconds.
 
@@ -359,7 +360,9 @@ def solve(
     names to schedules found elsewhere (a min-cut partition, checkpointing every block:
     ``passes.remat.hints``); those that are valid, fit the budget and respect
     ``intervals_per_node`` compete with the local search, and phase two begins from the
-    cheapest. The result says which (``phase_one``: "plain", "local search", "cp-sat" or a
+    cheapest. The search kicks (perturbs its closest schedule and goes on) only when no start
+    fits and ``search_kicks`` (False: a caller has searched with kicks at this budget before,
+    ``greedy_schedule``, and found nothing). The result says which (``phase_one``: "plain", "local search", "cp-sat" or a
     start's name), what each candidate cost (``start_costs``) and when the first schedule was
     there (``seconds_to_first``); its ``trace`` starts with its cost.
 
@@ -405,7 +408,8 @@ def solve(
     candidates = {name: spans for name, spans in (starts or {}).items()
                   if _usable_start(graph, order, spans, budget, keep, copies)}  # fmt: skip
     stall = None if stall_seconds is None else (stall_seconds, stall_share, started)
-    search = _search(graph, order, budget, intervals_per_node, keep, time_limit * search_share, seed, stall)
+    search = _search(graph, order, budget, intervals_per_node, keep, time_limit * search_share, seed, stall,
+                     kicks=search_kicks and not candidates)  # fmt: skip
     if search.fits():
         candidates = {"local search": search.intervals(), **candidates}
     if not candidates:
@@ -495,20 +499,25 @@ def _lower_the_peak(graph, order, budget, intervals_per_node, keep, closest, tim
 
 
 def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_node: int = 2, keep=(), *,
-                    time_limit: float = 10.0, seed: int = 0) -> dict | None:  # fmt: skip
+                    time_limit: float = 10.0, seed: int = 0, stall_seconds: float | None = None,
+                    kicks: bool = True) -> dict | None:  # fmt: skip
     """A quick schedule within ``budget`` by local search (see ``_Repair``), or None when the
-    search finds none in ``time_limit`` seconds. Used to start the exact search: CP-SAT alone
-    can take minutes to find a first schedule on graphs of a thousand nodes."""
+    search finds none in ``time_limit`` seconds (or, with ``stall_seconds``, once its kicks
+    closed in on the budget by less than ``SEARCH_GAIN`` of the excess for that long;
+    ``kicks=False``: once its descents found none, in milliseconds). Used
+    to start the exact search: CP-SAT alone can take minutes to find a first schedule on
+    graphs of a thousand nodes."""
     check_problem(graph, order, budget)
-    search = _search(graph, order, budget, intervals_per_node, set(keep), time_limit, seed)
+    stall = None if stall_seconds is None else (stall_seconds, 0.0, time.perf_counter())
+    search = _search(graph, order, budget, intervals_per_node, set(keep), time_limit, seed, stall, kicks)
     return search.intervals() if search.fits() else None
 
 
-def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed, stall=None) -> _Repair:
+def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed, stall=None, kicks=True) -> _Repair:
     """Three descents from the plain schedule, scoring moves by the overflow they remove per
     unit of recomputation cost to the power 1, 0.5 and 0 (cheaper schedules first, tighter
-    budgets last): the cheapest that fits; when none does, the closest goes on with kicks
-    (``_Repair.run``, ``stall`` its stall rule) in the time left."""
+    budgets last): the cheapest that fits; when none does and ``kicks``, the closest goes on
+    with kicks (``_Repair.run``, ``stall`` its stall rule) in the time left."""
     started = time.perf_counter()
     searches = []
     for weight in (1.0, 0.5, 0.0):
@@ -521,7 +530,7 @@ def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed, st
             search.prune()
         searches.append(search)
     best = min(searches, key=_Repair.rank)
-    if not best.fits():
+    if kicks and not best.fits():
         best.run(time_limit - (time.perf_counter() - started), kicks=True, stall=stall)
         if best.fits():
             best.prune()

@@ -25,6 +25,8 @@ solver keeps the schedules that are valid and fit the budget (``solvers.moccasin
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.fx as fx
 
@@ -40,15 +42,24 @@ MIN_CUT_SETTINGS = (0.9, 0.7, 0.5, 0.3, 0.1)
 CHECKPOINT = "checkpoint every block"
 
 
-def training_starts(model: MemoryModel) -> dict[str, dict]:
+def training_starts(model: MemoryModel, fits: Callable[[dict], bool] | None = None) -> dict[str, dict]:
     """Named schedules (intervals) of the partitions above for a training step's model;
-    empty when the graph is no joint forward+backward graph (``graph="inference"``)."""
+    empty when the graph is no joint forward+backward graph (``graph="inference"``).
+
+    ``fits``: whether a schedule meets the budget (None: all settings). With it, min-cut's
+    settings are tried from the lowest up and none above the first whose schedule does not
+    fit (a higher setting saves more): a start must fit, and one partition of a thousand-node
+    graph takes about a second."""
     boundary = _forward_end(model)
     if boundary >= len(model.order):
         return {}
     starts = {}
-    for setting, saved in min_cut_saved(model).items():
-        starts[f"min-cut {setting:g}"] = intervals_from_saved(model, boundary, saved)
+    settings = sorted(MIN_CUT_SETTINGS) if fits is not None else MIN_CUT_SETTINGS
+    for setting, saved in min_cut_saved(model, settings):
+        intervals = intervals_from_saved(model, boundary, saved)
+        if fits is not None and not fits(intervals):
+            break
+        starts[f"min-cut {setting:g}"] = intervals
     blocks = block_saved(model, boundary)
     if blocks is not None:
         starts[CHECKPOINT] = intervals_from_saved(model, boundary, blocks)
@@ -87,9 +98,10 @@ def intervals_from_saved(model: MemoryModel, forward_end: int, saved: set[str]) 
     return intervals
 
 
-def min_cut_saved(model: MemoryModel) -> dict[float, set[str]]:
-    """Units min-cut saves for the backward, for each of ``MIN_CUT_SETTINGS`` it partitions
-    the graph at (one it fails on is left out: its partition is only a start)."""
+def min_cut_saved(model: MemoryModel, settings=MIN_CUT_SETTINGS) -> Iterator[tuple[float, set[str]]]:
+    """(setting, units min-cut saves for the backward) for each of ``settings`` in turn, each
+    partitioned when it is asked for (one min-cut fails on is left out: its partition is
+    only a start)."""
     from torch._functorch import config as functorch_config
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -99,10 +111,9 @@ def min_cut_saved(model: MemoryModel) -> dict[float, set[str]]:
     # AOTAutograd's joint graph returns the forward's outputs, then a gradient per primal.
     num_fwd_outputs = len(outputs) - len(primals)
     if num_fwd_outputs < 1:
-        return {}
+        return
     by_name = {n.name: n for n in joint.nodes}
-    found = {}
-    for setting in MIN_CUT_SETTINGS:
+    for setting in settings:
         copy = _copy(joint)
         try:
             with functorch_config.patch(activation_memory_budget=setting):
@@ -115,8 +126,7 @@ def min_cut_saved(model: MemoryModel) -> dict[float, set[str]]:
                 unit = model.root.get(by_name[node.name])
                 if unit is not None:
                     saved.add(unit)
-        found[setting] = saved
-    return found
+        yield setting, saved
 
 
 def block_saved(model: MemoryModel, forward_end: int) -> set[str] | None:

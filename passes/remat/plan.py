@@ -40,6 +40,9 @@ MAX_INTERVALS = 8
 # within the stall rule, one in 0.1 s of local search at 3) and the model larger.
 AUTO_INTERVALS = (2, 3, 4)
 _PROBE_SECONDS = 3.0  # the most the local search may take per setting to decide the order
+# ... and how long its kicks may go on without closing in on the budget (solvers.moccasin's
+# SEARCH_GAIN): a setting it cannot meet the budget with is given up in about a second
+_PROBE_STALL_SECONDS = 0.5
 
 
 def parse_size(text: str) -> int:
@@ -62,20 +65,29 @@ class RematError(PassError):
         super().__init__("remat", message)
 
 
-def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[int, ...]:
-    """``AUTO_INTERVALS`` in the order to try them: first the fewest with which the local
-    search alone meets ``budget`` (about a second when it cannot, milliseconds when it can),
-    so that a setting with which only CP-SAT's slower phase one could find a schedule is not
-    tried first; as they are when the search meets it with none, or the plain step fits."""
+def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[tuple[int, ...], dict, bool]:
+    """``AUTO_INTERVALS`` in the order to try them, first the fewest with which the local
+    search alone meets ``budget``, so that a setting with which only CP-SAT's slower phase
+    one could find a schedule is not tried first: the search's descents at each setting
+    (milliseconds), then, when none fits, its kicks at the most intervals (about a second
+    when they find nothing). As they are when the search meets it with none, or the plain
+    step fits. With the schedule found ({intervals: schedule}, or {}) and whether the kicks
+    found nothing (the solves need not kick again: fewer intervals leave the search less)."""
     from solvers.moccasin import greedy_schedule
     from solvers.schedule import no_remat_intervals, peak_memory
 
     if peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= budget:
-        return AUTO_INTERVALS
+        return AUTO_INTERVALS, {}, False
     for intervals in AUTO_INTERVALS:
-        if greedy_schedule(graph, model.order, budget, intervals, model.keep, time_limit=_PROBE_SECONDS) is not None:
-            return (intervals, *(i for i in AUTO_INTERVALS if i != intervals))
-    return AUTO_INTERVALS
+        found = greedy_schedule(graph, model.order, budget, intervals, model.keep, time_limit=_PROBE_SECONDS, kicks=False)
+        if found is not None:
+            return (intervals, *(i for i in AUTO_INTERVALS if i != intervals)), {intervals: found}, False
+    most = max(AUTO_INTERVALS)
+    found = greedy_schedule(graph, model.order, budget, most, model.keep, time_limit=_PROBE_SECONDS,
+                            stall_seconds=_PROBE_STALL_SECONDS)  # fmt: skip
+    if found is not None:
+        return (most, *(i for i in AUTO_INTERVALS if i != most)), {most: found}, False
+    return AUTO_INTERVALS, {}, True
 
 
 @dataclass
@@ -129,16 +141,21 @@ class Planner:
         from solvers.moccasin import lower_bound_budget
 
         below_floor = budget < lower_bound_budget(graph, model.order, model.keep)  # no schedule, whatever the intervals
-        starts = {}
+        starts, probed, kicked = {}, {}, False
         if self.remat.intervals:
             settings = (self.remat.intervals,)
-        else:  # below the floor one solve says so (and finds the smallest budget), at the fewest
-            settings = AUTO_INTERVALS[:1] if below_floor else _auto_order(graph, model, budget)
+        elif below_floor:  # one solve says so (and finds the smallest budget), at the fewest
+            settings = AUTO_INTERVALS[:1]
+        else:
+            settings, probed, kicked = _auto_order(graph, model, budget)
         for intervals in settings:
             target, realized = budget, None
             self.last_found = None
-            for _ in range(_RETRIES + 1):
-                schedule = self._solve(graph, model, target, starts, intervals)
+            for attempt in range(_RETRIES + 1):
+                # the probe searched at this budget: its schedule starts the solve, its kicks
+                # are not repeated
+                probe = probed.get(intervals) if attempt == 0 else None
+                schedule = self._solve(graph, model, target, starts, intervals, probe, kicked and attempt == 0)
                 if not schedule.has_schedule:
                     break
                 # The solver counts each output of a multi-output op from a position of its own;
@@ -183,11 +200,13 @@ class Planner:
         self._solved[problem] = schedule
         return schedule.intervals
 
-    def _solve(self, graph, model: MemoryModel, target: int, starts: dict, intervals: int):
+    def _solve(self, graph, model: MemoryModel, target: int, starts: dict, intervals: int, probe: dict | None = None,
+               searched: bool = False):  # fmt: skip
         """``moccasin.solve`` at ``target`` bytes through the plan cache (the ``cache`` option),
         started from min-cut's and checkpointing's schedules where they fit
         (``passes.remat.hints``; computed into ``starts`` once per model, and only when the
-        plain step does not fit)."""
+        plain step does not fit) and from ``probe`` (the local search's schedule when
+        ``_auto_order`` found one; ``searched``: it searched at this budget)."""
         from passes.remat import cache, hints
         from solvers import moccasin
         from solvers.schedule import no_remat_intervals, peak_memory
@@ -199,7 +218,8 @@ class Planner:
             if cached is not None:
                 return cached
         if not starts and peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) > target:
-            starts.update(hints.training_starts(model))
+            starts.update(hints.training_starts(model, fits=lambda spans: peak_memory(graph, model.order, spans) <= target))
+            starts.setdefault(None, {})  # marks them computed: none may fit
         schedule = moccasin.solve(
             graph,
             model.order,
@@ -208,7 +228,9 @@ class Planner:
             time_limit=self.remat.time_limit,
             workers=self.remat.workers or os.cpu_count() or 1,
             keep=model.keep,
-            starts=starts,
+            starts={name: spans for name, spans in starts.items() if name is not None}
+            | ({"local search": probe} if probe is not None else {}),
+            search_kicks=not searched,
         )
         schedule.plan_cache = "off" if key is None else "miss"
         if key is not None and schedule.has_schedule:

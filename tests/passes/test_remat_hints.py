@@ -81,3 +81,35 @@ def test_ours_costs_no_more_than_the_cheaper_start_both_meet(vit_step):
     cheaper = min(recompute_cost(graph, checkpoint), recompute_cost(graph, min_cut))
     assert result.objective <= cheaper
     assert result.phase_one in result.start_costs and hints.CHECKPOINT in result.start_costs
+
+
+def test_min_cut_settings_stop_at_the_first_start_over_the_budget(vit_step, monkeypatch):
+    # a start must fit the budget, and a higher setting saves more: with ``fits`` the settings
+    # are partitioned from the lowest up and none after the first whose schedule does not fit
+    from torch._functorch import partitioners
+
+    model = vit_step
+    partition = partitioners.min_cut_rematerialization_partition
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return partition(*args, **kwargs)
+
+    monkeypatch.setattr(partitioners, "min_cut_rematerialization_partition", counted)
+    assert not any(name.startswith("min-cut") for name in hints.training_starts(model, fits=lambda spans: False))
+    assert len(calls) == 1
+    calls.clear()
+    every = hints.training_starts(model, fits=lambda spans: True)
+    assert [n for n in every if n.startswith("min-cut")] == [f"min-cut {s:g}" for s in sorted(hints.MIN_CUT_SETTINGS)]
+    assert len(calls) == len(hints.MIN_CUT_SETTINGS)
+    # a budget between two settings' peaks: those at or below it are kept, the one above it ends the search
+    graph, order = model.activation_graph(), model.order
+    peaks = {n: peak_memory(graph, order, s) for n, s in every.items() if n.startswith("min-cut")}
+    lowest = f"min-cut {min(hints.MIN_CUT_SETTINGS):g}"
+    budget = peaks[lowest]
+    calls.clear()
+    some = hints.training_starts(model, fits=lambda spans: peak_memory(graph, order, spans) <= budget)
+    kept = [n for n in some if n.startswith("min-cut")]
+    assert kept[0] == lowest and all(peaks[n] <= budget for n in kept)
+    assert len(calls) == min(len(kept) + 1, len(hints.MIN_CUT_SETTINGS))

@@ -356,6 +356,31 @@ def test_local_search_gives_a_valid_schedule_or_none(seed):
             assert len(intervals[order[-1]]) == 1
 
 
+def _kicks_needed():
+    """A graph and budget where the local search's descents at two intervals find no schedule
+    and its kicks find one."""
+    graph, order = random_layered_graph(120, seed=4, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.7)
+    return graph, order, budget
+
+
+def test_the_search_kicks_only_where_asked_and_no_start_fits():
+    graph, order, budget = _kicks_needed()
+    assert moccasin.greedy_schedule(graph, order, budget, kicks=False) is None
+    kicked = moccasin.greedy_schedule(graph, order, budget)
+    assert kicked is not None
+    validate(graph, order, kicked, budget)
+    # solve's search kicks by default; told not to (a caller searched already) CP-SAT finds the first schedule
+    assert moccasin.solve(graph, order, budget, time_limit=10, workers=2).start_costs.keys() == {"local search"}
+    told = moccasin.solve(graph, order, budget, time_limit=10, workers=2, search_kicks=False)
+    assert told.phase_one == "cp-sat" and told.has_schedule
+    validate(graph, order, told.intervals, budget)
+    # a start that fits: no kicks, the search's descents alone do not compete with it
+    given = moccasin.solve(graph, order, budget, time_limit=10, workers=2, starts={"given": kicked})
+    assert given.start_costs.keys() == {"given"}
+    assert given.objective <= given.start_costs["given"]
+
+
 def test_phase_one_is_hinted_into_phase_two_on_a_thousand_nodes():
     graph, order = random_layered_graph(1000, seed=1000, width=8, fan_in=4, skip=0.3)
     budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.8)
