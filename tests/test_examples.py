@@ -18,18 +18,21 @@ def _run(script: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_trains_saves_and_reloads():
     out = _run("quickstart.py")
     assert "pass approx_bp" in out and "step 2: loss" in out
     assert "outputs equal: True" in out
 
 
+@pytest.mark.slow
 def test_custom_pass_example_fuses_hand_written_swish_then_approx_bp():
     out = _run("custom_pass.py")
     assert "x * sigmoid(x) -> aten.silu" in out
     assert "aten.silu -> rewrite.resilu2" in out
 
 
+@pytest.mark.slow
 def test_fuse_pointwise_example_compiles_its_region():
     out = _run("fuse_pointwise.py")
     assert "marked for codegen" in out and "-> rewrite.pointwise" in out
@@ -37,6 +40,7 @@ def test_fuse_pointwise_example_compiles_its_region():
     assert "@triton.jit" in out and "def pointwise_forward" in out
 
 
+@pytest.mark.slow
 def test_remat_example_trains_in_half_the_activation_memory_with_equal_weights():
     out = _run("remat_training.py")
     assert "pass remat" in out and "solver: moccasin" in out

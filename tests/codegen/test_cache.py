@@ -185,6 +185,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_concurrent_processes_share_the_directory(tmp_path):
     directory = tmp_path / "kernels"
     env = dict(os.environ, TRITON_INTERPRET="1", REWRITE_KERNEL_CACHE=str(directory), PYTHONPATH=str(REPO),

@@ -626,6 +626,7 @@ class EfficientNetB0Like(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+@pytest.mark.slow
 def test_guard_on_an_efficientnet_b0_like_model():
     # Unguarded, its 49 SiLUs leave a gradient cosine of 0.06; guarded, 0.92 with 3 of them
     # approximate (activation memory: 24% saved unguarded, 8% guarded).

@@ -127,7 +127,7 @@ def test_the_suggested_fraction_rounds_up_to_a_budget_of_at_least_the_smallest()
     assert suggested_budget(1001, 1000) == 'budget="1001B"'  # more than the peak: a size only
 
 
-@pytest.mark.parametrize("of", ["activations", "peak"])
+@pytest.mark.parametrize("of", [pytest.param("activations", marks=pytest.mark.slow), "peak"])
 def test_a_suggested_budget_works_when_passed_back_verbatim(of):
     model, inputs = _mlp()
     with pytest.raises(PassError, match="smallest budget a schedule was found for") as caught:

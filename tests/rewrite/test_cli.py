@@ -559,6 +559,7 @@ def test_console_script_exits_2_with_one_error_line(files, tmp_path):
     assert _sha256(source) == digest
 
 
+@pytest.mark.slow
 def test_python_m_rewrite_exits_2_with_one_error_line(files, tmp_path):
     source = _copy(files, "mlp.pt2", tmp_path)
     digest = _sha256(source)

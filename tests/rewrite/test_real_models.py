@@ -110,6 +110,7 @@ def test_a_rewritten_hugging_face_decoder_saves_and_loads(llama, tmp_path):
         assert torch.equal(loaded(ids).logits, rewritten(ids).logits)
 
 
+@pytest.mark.slow
 def test_t5_whose_output_holds_several_tensors_is_rewritten_and_checked():
     config = transformers.T5Config(
         d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128, use_cache=False,

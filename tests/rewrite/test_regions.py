@@ -449,6 +449,7 @@ def test_fused_region_with_intermediates_saves_less_than_the_unfused_graph(fuse_
 # ---- save / load -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_saved_model_with_a_pointwise_op_loads_in_a_fresh_interpreter(built, tmp_path):
     _, m = built["chain_block"]
     path = rewrite.save(m, tmp_path / "chain.pt2")

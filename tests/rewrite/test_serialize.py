@@ -318,6 +318,7 @@ def test_unregistered_custom_op_is_named_in_the_error(fresh_process, unregistere
     assert "Traceback" not in stderr and "double_it" not in stderr, "torch's deserializing traceback leaked"
 
 
+@pytest.mark.slow
 def test_fresh_process_without_import_rewrite_cannot_load(saved, tmp_path):
     code = f"""
         import sys
@@ -435,6 +436,7 @@ def test_temporaries_a_killed_run_left_are_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.pt2", alive.name, other.name])
 
 
+@pytest.mark.slow
 def test_sigterm_while_writing_removes_the_temporary_file(tmp_path):
     target = tmp_path / "out.pt2"
     script = textwrap.dedent(f"""

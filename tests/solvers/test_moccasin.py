@@ -371,12 +371,13 @@ def test_the_search_kicks_only_where_asked_and_no_start_fits():
     assert kicked is not None
     validate(graph, order, kicked, budget)
     # solve's search kicks by default; told not to (a caller searched already) CP-SAT finds the first schedule
-    assert moccasin.solve(graph, order, budget, time_limit=10, workers=2).start_costs.keys() == {"local search"}
-    told = moccasin.solve(graph, order, budget, time_limit=10, workers=2, search_kicks=False)
+    quick = dict(time_limit=2, workers=2, stall_seconds=1.0, stall_share=0.0)  # phase two is not what is tested
+    assert moccasin.solve(graph, order, budget, **quick).start_costs.keys() == {"local search"}
+    told = moccasin.solve(graph, order, budget, search_kicks=False, **quick)
     assert told.phase_one == "cp-sat" and told.has_schedule
     validate(graph, order, told.intervals, budget)
     # a start that fits: no kicks, the search's descents alone do not compete with it
-    given = moccasin.solve(graph, order, budget, time_limit=10, workers=2, starts={"given": kicked})
+    given = moccasin.solve(graph, order, budget, starts={"given": kicked}, **quick)
     assert given.start_costs.keys() == {"given"}
     assert given.objective <= given.start_costs["given"]
 
@@ -428,6 +429,7 @@ def test_early_stopping_stops_well_before_the_time_limit_and_says_why():
         assert result.objective - result.bound <= moccasin.GAP * result.objective + 1e-9
 
 
+@pytest.mark.slow
 def test_early_stopping_is_within_tolerance_of_a_long_solve():
     graph, order = random_layered_graph(80, seed=2, width=6, fan_in=3, skip=0.3)
     budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.75)
@@ -440,6 +442,7 @@ def test_early_stopping_is_within_tolerance_of_a_long_solve():
     validate(graph, order, early.intervals, budget)
 
 
+@pytest.mark.slow
 def test_an_infeasible_budget_fails_in_seconds():
     # far below any schedule with one recomputation per node, though above the bound that
     # answers at once: the local search, CP-SAT lowering the peak, both stop early
