@@ -66,28 +66,33 @@ class RematError(PassError):
 
 
 def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[tuple[int, ...], dict, bool]:
-    """``AUTO_INTERVALS`` in the order to try them, first the fewest with which the local
-    search alone meets ``budget``, so that a setting with which only CP-SAT's slower phase
-    one could find a schedule is not tried first: the search's descents at each setting
-    (milliseconds), then, when none fits, its kicks at the most intervals (about a second
-    when they find nothing). As they are when the search meets it with none, or the plain
-    step fits. With the schedule found ({intervals: schedule}, or {}) and whether the kicks
-    found nothing (the solves need not kick again: fewer intervals leave the search less)."""
+    """``AUTO_INTERVALS`` in the order to try them, first the one with which the local search
+    alone finds the cheapest schedule within ``budget`` (the fewest among equals), so that a
+    setting with which only CP-SAT's slower phase one could find a schedule is not tried
+    first: the search's descents at each setting (milliseconds), then, when none fits, its
+    kicks at the most intervals (about a second when they find nothing). As they are when
+    the search meets it with none, or the plain step fits. With the schedule found
+    ({intervals: schedule}, or {}) and whether the kicks found nothing (the solves need not
+    kick again: fewer intervals leave the search less)."""
     from solvers.moccasin import greedy_schedule
-    from solvers.schedule import no_remat_intervals, peak_memory
+    from solvers.schedule import no_remat_intervals, peak_memory, recompute_cost
 
     if peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= budget:
         return AUTO_INTERVALS, {}, False
+    found = {}
     for intervals in AUTO_INTERVALS:
-        found = greedy_schedule(graph, model.order, budget, intervals, model.keep, time_limit=_PROBE_SECONDS, kicks=False)
-        if found is not None:
-            return (intervals, *(i for i in AUTO_INTERVALS if i != intervals)), {intervals: found}, False
-    most = max(AUTO_INTERVALS)
-    found = greedy_schedule(graph, model.order, budget, most, model.keep, time_limit=_PROBE_SECONDS,
-                            stall_seconds=_PROBE_STALL_SECONDS)  # fmt: skip
-    if found is not None:
-        return (most, *(i for i in AUTO_INTERVALS if i != most)), {most: found}, False
-    return AUTO_INTERVALS, {}, True
+        schedule = greedy_schedule(graph, model.order, budget, intervals, model.keep, time_limit=_PROBE_SECONDS, kicks=False)
+        if schedule is not None:
+            found[intervals] = schedule
+    if not found:
+        most = max(AUTO_INTERVALS)
+        schedule = greedy_schedule(graph, model.order, budget, most, model.keep, time_limit=_PROBE_SECONDS,
+                                   stall_seconds=_PROBE_STALL_SECONDS)  # fmt: skip
+        if schedule is None:
+            return AUTO_INTERVALS, {}, True
+        found[most] = schedule
+    first = min(found, key=lambda i: (recompute_cost(graph, found[i]), i))
+    return (first, *(i for i in AUTO_INTERVALS if i != first)), {first: found[first]}, False
 
 
 @dataclass
