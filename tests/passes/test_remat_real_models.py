@@ -131,8 +131,8 @@ def _t5():
 
 
 # name -> builder of (model, args, kwargs), the options the case needs beyond the budget.
-# Every model with the pass's defaults (intervals=0: Llama with eager attention finds no
-# schedule at two retention intervals within the stall rule, and one at three).
+# Every model with the pass's defaults (intervals=0: the setting at which the local search's
+# schedule is cheapest is solved first, three or four retention intervals on most of these).
 MODELS = {
     "llama_sdpa": (lambda: _llama("sdpa"), {}),
     "llama_eager": (lambda: _llama("eager"), {}),
@@ -147,9 +147,9 @@ MODELS = {
         {},
     ),  # fmt: skip
 }
-# Planned in 6-15 s each on 2 cores (the first schedule comes from CP-SAT, or from three or four
-# intervals, and CP-SAT's phase two goes on improving it): `make test-slow`. The ViT stays in
-# `make test`.
+# Planned in 6-15 s each on 2 cores (capture, the trace of the step, the local search's probe
+# and CP-SAT's phase two, which goes on improving the search's schedule): `make test-slow`. The
+# ViT stays in `make test`.
 SLOW = {"llama_sdpa", "llama_eager", "gpt2", "bert", "t5", "resnet", "convnext"}
 CASES = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in MODELS]
 
