@@ -362,9 +362,10 @@ def solve(
     ``intervals_per_node`` compete with the local search, and phase two begins from the
     cheapest. The search kicks (perturbs its closest schedule and goes on) only when no start
     fits and ``search_kicks`` (False: a caller has searched with kicks at this budget before,
-    ``greedy_schedule``, and found nothing). The result says which (``phase_one``: "plain", "local search", "cp-sat" or a
-    start's name), what each candidate cost (``start_costs``) and when the first schedule was
-    there (``seconds_to_first``); its ``trace`` starts with its cost.
+    ``greedy_schedule``, and found nothing). The result says which (``phase_one``: "plain",
+    "local search", "cp-sat" or a start's name), what each candidate cost (``start_costs``)
+    and when the first schedule was there (``seconds_to_first``); its ``trace`` starts with
+    its cost.
 
     Early stopping: phase two stops before the time limit once the cost is within ``gap`` of
     the proved lower bound ((cost - bound) / cost), or when no better schedule came for
@@ -515,9 +516,9 @@ def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_n
     """A quick schedule within ``budget`` by local search (see ``_Repair``), or None when the
     search finds none in ``time_limit`` seconds (or, with ``stall_seconds``, once its kicks
     closed in on the budget by less than ``SEARCH_GAIN`` of the excess for that long;
-    ``kicks=False``: once its descents found none, in milliseconds). Used
-    to start the exact search: CP-SAT alone can take minutes to find a first schedule on
-    graphs of a thousand nodes."""
+    ``kicks=False``: once its descents found none, in milliseconds). Used to start the exact
+    search: CP-SAT alone can take minutes to find a first schedule on graphs of a thousand
+    nodes."""
     check_problem(graph, order, budget)
     stall = None if stall_seconds is None else (stall_seconds, 0.0, time.perf_counter())
     search = _search(graph, order, budget, intervals_per_node, set(keep), time_limit, seed, stall, kicks)

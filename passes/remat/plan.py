@@ -107,6 +107,8 @@ class Planner:
     closest: list = field(default_factory=list)
     # (schedule, its peak once written out) of the last schedule the last solve found, if any
     last_found: tuple | None = None
+    # min-cut's and checkpointing's schedules for the model being planned (None: not computed yet)
+    _starts: dict | None = None
 
     @property
     def _measure(self):
@@ -146,7 +148,7 @@ class Planner:
         from solvers.moccasin import lower_bound_budget
 
         below_floor = budget < lower_bound_budget(graph, model.order, model.keep)  # no schedule, whatever the intervals
-        starts, probed, kicked = {}, {}, False
+        self._starts, probed, kicked = None, {}, False
         if self.remat.intervals:
             settings = (self.remat.intervals,)
         elif below_floor:  # one solve says so (and finds the smallest budget), at the fewest
@@ -160,7 +162,7 @@ class Planner:
                 # the probe searched at this budget: its schedule starts the solve, its kicks
                 # are not repeated
                 probe = probed.get(intervals) if attempt == 0 else None
-                schedule = self._solve(graph, model, target, starts, intervals, probe, kicked and attempt == 0)
+                schedule = self._solve(graph, model, target, intervals, probe, kicked and attempt == 0)
                 if not schedule.has_schedule:
                     break
                 # The solver counts each output of a multi-output op from a position of its own;
@@ -205,11 +207,11 @@ class Planner:
         self._solved[problem] = schedule
         return schedule.intervals
 
-    def _solve(self, graph, model: MemoryModel, target: int, starts: dict, intervals: int, probe: dict | None = None,
+    def _solve(self, graph, model: MemoryModel, target: int, intervals: int, probe: dict | None = None,
                searched: bool = False):  # fmt: skip
         """``moccasin.solve`` at ``target`` bytes through the plan cache (the ``cache`` option),
         started from min-cut's and checkpointing's schedules where they fit
-        (``passes.remat.hints``; computed into ``starts`` once per model, and only when the
+        (``passes.remat.hints``; computed once per model, on the first miss, and only when the
         plain step does not fit) and from ``probe`` (the local search's schedule when
         ``_auto_order`` found one; ``searched``: it searched at this budget)."""
         from passes.remat import cache, hints
@@ -222,9 +224,11 @@ class Planner:
             cached = cache.load(key, graph, model, target, intervals, self.remat.time_limit)
             if cached is not None:
                 return cached
-        if not starts and peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) > target:
-            starts.update(hints.training_starts(model, fits=lambda spans: peak_memory(graph, model.order, spans) <= target))
-            starts.setdefault(None, {})  # marks them computed: none may fit
+        if self._starts is None:
+            plain_fits = peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= target
+            self._starts = {} if plain_fits else hints.training_starts(
+                model, fits=lambda spans: peak_memory(graph, model.order, spans) <= target
+            )
         schedule = moccasin.solve(
             graph,
             model.order,
@@ -233,8 +237,7 @@ class Planner:
             time_limit=self.remat.time_limit,
             workers=self.remat.workers or os.cpu_count() or 1,
             keep=model.keep,
-            starts={name: spans for name, spans in starts.items() if name is not None}
-            | ({"local search": probe} if probe is not None else {}),
+            starts=self._starts | ({"local search": probe} if probe is not None else {}),
             search_kicks=not searched,
         )
         schedule.plan_cache = "off" if key is None else "miss"
