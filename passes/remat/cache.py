@@ -87,6 +87,11 @@ def _path(key: str) -> Path:
     return cache_dir() / f"{key}.json"
 
 
+def has(key: str) -> bool:
+    """Whether a plan is stored under ``key`` (``load`` checks that it holds)."""
+    return _path(key).is_file()
+
+
 def load(
     key: str, graph: nx.DiGraph, model: MemoryModel, budget: int, intervals: int, time_limit: float
 ) -> Schedule | None:

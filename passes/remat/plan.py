@@ -153,6 +153,8 @@ class Planner:
             settings = (self.remat.intervals,)
         elif below_floor:  # one solve says so (and finds the smallest budget), at the fewest
             settings = AUTO_INTERVALS[:1]
+        elif (stored := self._stored_setting(graph, model, budget)) is not None:
+            settings = (stored, *(i for i in AUTO_INTERVALS if i != stored))  # planned before: no probe
         else:
             settings, probed, kicked = _auto_order(graph, model, budget)
         for intervals in settings:
@@ -206,6 +208,17 @@ class Planner:
             return closest.intervals
         self._solved[problem] = schedule
         return schedule.intervals
+
+    def _stored_setting(self, graph, model: MemoryModel, budget: int) -> int | None:
+        """The first of ``AUTO_INTERVALS`` the plan cache holds a plan for at ``budget``, if
+        the cache is on."""
+        if not self.remat.cache:
+            return None
+        from passes.remat import cache
+
+        return next(
+            (i for i in AUTO_INTERVALS if cache.has(cache.problem_key(graph, model, budget, i, self.remat.cost))), None
+        )
 
     def _solve(self, graph, model: MemoryModel, target: int, intervals: int, probe: dict | None = None,
                searched: bool = False):  # fmt: skip

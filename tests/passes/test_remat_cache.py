@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import passes
-from passes.remat import cache
+from passes.remat import cache, plan
 from rewrite import optimize
 from rewrite.training_step import TRAINING_STEP
 
@@ -61,13 +61,15 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache.cache_dir() == tmp_path / "home" / ".cache" / "rewrite" / "plans"
 
 
-def test_the_same_step_again_is_a_hit_with_the_same_schedule(plans):
+def test_the_same_step_again_is_a_hit_with_the_same_schedule(plans, monkeypatch):
     first, intervals = planned()
     assert first["plan_cache"] == "miss" and first["recompute_cost"] > 0
     files = list(plans.glob("*.json"))
     assert files and all(json.loads(f.read_text())["format"] == cache.FORMAT for f in files)
+    probed = []
+    monkeypatch.setattr(plan, "_auto_order", lambda *args: probed.append(args) or (plan.AUTO_INTERVALS, {}, False))
     second, again = planned()
-    assert second["plan_cache"] == "hit"
+    assert second["plan_cache"] == "hit" and not probed  # a plan stored at some setting needs no probe
     assert again == intervals
     assert second["recompute_cost"] == first["recompute_cost"]
     assert second["solve_time_seconds"] < first["solve_time_seconds"]
