@@ -157,6 +157,9 @@ class Planner:
             settings = (stored, *(i for i in AUTO_INTERVALS if i != stored))  # planned before: no probe
         else:
             settings, probed, kicked = _auto_order(graph, model, budget)
+            if kicked:  # the search found nothing: solve with the most intervals, which allow every
+                # schedule fewer do (a budget none meets fails once, not once per setting)
+                settings = (max(AUTO_INTERVALS),)
         for intervals in settings:
             target, realized = budget, None
             self.last_found = None

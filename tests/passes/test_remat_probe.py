@@ -60,3 +60,25 @@ def test_the_plain_step_fitting_needs_no_search():
     graph, model, _ = _problem(1.0)
     plain = peak_memory(graph, model.order, no_remat_intervals(graph, model.order))
     assert plan._auto_order(graph, model, plain) == (plan.AUTO_INTERVALS, {}, False)
+
+
+def test_where_the_search_found_nothing_one_solve_with_the_most_intervals(monkeypatch):
+    # the most intervals allow every schedule fewer do: a budget none meets fails once, not per setting
+    import torch
+
+    from passes import Remat
+    from rewrite import optimize
+
+    solved = []
+    solve = plan.Planner._solve
+
+    def recorded(self, graph, model, target, intervals, probe=None, searched=False):
+        solved.append((intervals, searched))
+        return solve(self, graph, model, target, intervals, probe, searched)
+
+    monkeypatch.setattr(plan, "_auto_order", lambda *args: (plan.AUTO_INTERVALS, {}, True))
+    monkeypatch.setattr(plan.Planner, "_solve", recorded)
+    model = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()) for _ in range(4)))
+    module = optimize(model, [Remat(budget=0.6, time_limit=10, workers=2, cache=False)], (torch.randn(64, 32),), verify=False)
+    most = max(plan.AUTO_INTERVALS)
+    assert solved == [(most, True)] and module.report["remat"].figures["intervals"] == most
