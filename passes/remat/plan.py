@@ -65,34 +65,35 @@ class RematError(PassError):
         super().__init__("remat", message)
 
 
-def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[tuple[int, ...], dict, bool]:
+def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[tuple[int, ...], dict | None, bool]:
     """``AUTO_INTERVALS`` in the order to try them, first the one with which the local search
     alone finds the cheapest schedule within ``budget`` (the fewest among equals), so that a
     setting with which only CP-SAT's slower phase one could find a schedule is not tried
     first: the search's descents at each setting (milliseconds), then, when none fits, its
-    kicks at the most intervals (about a second when they find nothing). As they are when
-    the search meets it with none, or the plain step fits. With the schedule found
-    ({intervals: schedule}, or {}) and whether the kicks found nothing (the solves need not
-    kick again: fewer intervals leave the search less)."""
+    kicks at the most intervals (about a second when they find nothing). As they are when the
+    plain step fits. Where the kicks found nothing, the most intervals alone: they allow every
+    schedule fewer do, so a budget none meets fails once, not once per setting. With the
+    schedule found for the first setting (or None) and whether the kicks found nothing (the
+    solve need not kick again)."""
     from solvers.moccasin import greedy_schedule
     from solvers.schedule import no_remat_intervals, peak_memory, recompute_cost
 
     if peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= budget:
-        return AUTO_INTERVALS, {}, False
+        return AUTO_INTERVALS, None, False
     found = {}
     for intervals in AUTO_INTERVALS:
         schedule = greedy_schedule(graph, model.order, budget, intervals, model.keep, time_limit=_PROBE_SECONDS, kicks=False)
         if schedule is not None:
             found[intervals] = schedule
+    most = max(AUTO_INTERVALS)
     if not found:
-        most = max(AUTO_INTERVALS)
         schedule = greedy_schedule(graph, model.order, budget, most, model.keep, time_limit=_PROBE_SECONDS,
                                    stall_seconds=_PROBE_STALL_SECONDS)  # fmt: skip
         if schedule is None:
-            return AUTO_INTERVALS, {}, True
+            return (most,), None, True
         found[most] = schedule
     first = min(found, key=lambda i: (recompute_cost(graph, found[i]), i))
-    return (first, *(i for i in AUTO_INTERVALS if i != first)), {first: found[first]}, False
+    return (first, *(i for i in AUTO_INTERVALS if i != first)), found[first], False
 
 
 @dataclass
@@ -148,7 +149,7 @@ class Planner:
         from solvers.moccasin import lower_bound_budget
 
         below_floor = budget < lower_bound_budget(graph, model.order, model.keep)  # no schedule, whatever the intervals
-        self._starts, probed, kicked = None, {}, False
+        self._starts, probe, kicked = None, None, False
         if self.remat.intervals:
             settings = (self.remat.intervals,)
         elif below_floor:  # one solve says so (and finds the smallest budget), at the fewest
@@ -156,18 +157,15 @@ class Planner:
         elif (stored := self._stored_setting(graph, model, budget)) is not None:
             settings = (stored, *(i for i in AUTO_INTERVALS if i != stored))  # planned before: no probe
         else:
-            settings, probed, kicked = _auto_order(graph, model, budget)
-            if kicked:  # the search found nothing: solve with the most intervals, which allow every
-                # schedule fewer do (a budget none meets fails once, not once per setting)
-                settings = (max(AUTO_INTERVALS),)
+            settings, probe, kicked = _auto_order(graph, model, budget)
         for intervals in settings:
             target, realized = budget, None
             self.last_found = None
             for attempt in range(_RETRIES + 1):
-                # the probe searched at this budget: its schedule starts the solve, its kicks
-                # are not repeated
-                probe = probed.get(intervals) if attempt == 0 else None
-                schedule = self._solve(graph, model, target, intervals, probe, kicked and attempt == 0)
+                # the probe searched at this budget: its schedule starts the first setting's solve,
+                # its kicks are not repeated
+                first = attempt == 0 and intervals == settings[0]
+                schedule = self._solve(graph, model, target, intervals, probe if first else None, kicked and first)
                 if not schedule.has_schedule:
                     break
                 # The solver counts each output of a multi-output op from a position of its own;

@@ -67,7 +67,7 @@ def test_the_same_step_again_is_a_hit_with_the_same_schedule(plans, monkeypatch)
     files = list(plans.glob("*.json"))
     assert files and all(json.loads(f.read_text())["format"] == cache.FORMAT for f in files)
     probed = []
-    monkeypatch.setattr(plan, "_auto_order", lambda *args: probed.append(args) or (plan.AUTO_INTERVALS, {}, False))
+    monkeypatch.setattr(plan, "_auto_order", lambda *args: probed.append(args) or (plan.AUTO_INTERVALS, None, False))
     second, again = planned()
     assert second["plan_cache"] == "hit" and not probed  # a plan stored at some setting needs no probe
     assert again == intervals
