@@ -4,8 +4,9 @@ Non-strict export runs the model's Python as written, so anything the model does
 Python values is fixed at capture (branches on ``self.training`` included); the mode asked
 for is the one recorded. When the model has code that reads ``.training`` (other than
 dropout and batch norm, whose mode the graph records as flags), it is captured in the other
-mode too: if that graph differs beyond those flags, ``Capture.fixed_mode`` says where, and
-the rewritten module refuses to switch. The batch dimension (dim 0 of every tensor input)
+mode too, unless its ops traced on fake tensors in both modes are the same (a fifth of the
+time or less): if that graph differs beyond those flags, ``Capture.fixed_mode`` says where, and the
+rewritten module refuses to switch. The batch dimension (dim 0 of every tensor input)
 is captured as dynamic where torch.export can keep it so (``torch.export.Dim.AUTO``), so the
 returned module takes other batch sizes too.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.errors import CaptureError, RewriteError
 from rewrite.graph import describe_value
@@ -231,13 +233,75 @@ def _reads_mode(cls: type) -> bool:
     return False
 
 
+class _OpTrace(TorchDispatchMode):
+    """The ops a forward runs, each with its arguments and results, tensors named by when they
+    were first seen (so that two traces compare by what reads what), and the grad mode. Ops
+    that return no tensor (size and device queries) are left out: what they decide shows in
+    the ops that follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+        self._names: dict[int, int] = {}
+        self._seen: list = []  # every tensor named, kept alive so that no id is reused
+
+    def name(self, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) not in self._names:
+            self._names[id(value)] = len(self._names)
+            self._seen.append(value)
+        return ("tensor", self._names[id(value)], tuple(value.shape), value.dtype)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(out)):
+            self.ops.append((func, pytree.tree_map(self.name, (args, kwargs)), torch.is_grad_enabled(), pytree.tree_map(self.name, out)))
+        return out
+
+
+def _fake_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The forward's ops (``_OpTrace``) on fake tensors, and its outputs' structure."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake.from_tensor, (args, kwargs))
+        with _OpTrace() as trace:
+            out = model(*fake_args, **fake_kwargs)
+        leaves, spec = pytree.tree_flatten(out)
+        return trace.ops, str(spec), [trace.name(leaf) for leaf in leaves]
+
+
+def _runs_alike_in_both_modes(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -> bool:
+    """Whether the model runs the same ops on the same tensors, to the same outputs, with every
+    module in ``training`` mode and with every one but dropout and batch norm (which the graph
+    records as flags) in the other: then no Python branch on the mode changes the graph. On
+    fake tensors, in a fifth of the time of an export or less. False where unsure (the traces
+    differ, or one fails)."""
+    try:
+        with in_mode(model, training), buffers_kept(model), random_state_kept(), quiet():
+            captured = _fake_trace(model, args, kwargs)
+            model.train(not training)  # as the export of the other mode would (modules may do more than set the flag)
+            for m in model.modules():
+                if type(m).__module__ in _MODE_AS_FLAGS:
+                    m.training = training
+            other = _fake_trace(model, args, kwargs)
+    except Exception:  # noqa: BLE001 - a trace that fails only means the export must tell
+        return False
+    return captured == other
+
+
 def _other_mode_difference(
     model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes, mode: str, graph_module: fx.GraphModule
 ) -> str | None:
     """How the graph of the other mode differs from ``graph_module`` beyond the train/eval
-    flags, or None. Only models with code that reads the mode are captured again (it costs a
-    second export)."""
+    flags, or None. Only models with code that reads the mode are looked at, and only those
+    whose ops change with the mode (``_runs_alike_in_both_modes``) are captured again (it costs
+    a second export)."""
     if not any(_reads_mode(cls) for cls in {type(m) for m in model.modules()}):
+        return None
+    if _runs_alike_in_both_modes(model, args, kwargs, mode == "train"):
         return None
     other = "eval" if mode == "train" else "train"
     try:

@@ -88,6 +88,64 @@ def test_capture_shares_parameters_and_does_not_touch_buffers():
     assert all(p is params[n] for n, p in captured.graph_module.named_parameters())
 
 
+# -- the other mode -------------------------------------------------------------------------
+
+
+class ModeReader(nn.Module):
+    """Python that reads the mode: ``branch`` says what it changes in train mode."""
+
+    def __init__(self, branch: str):
+        super().__init__()
+        self.branch = branch
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.drop(self.bn(self.fc(x)))
+        g = torch.tanh(x)
+        if self.branch == "nothing" and self.training:
+            return h + g
+        if self.branch == "input":  # the same ops in both modes, one input swapped
+            return (h if self.training else g) * g + h
+        if self.branch == "outputs" and self.training:  # the same ops, one output more
+            return h + g, g
+        if self.branch == "op" and self.training:
+            return (h + g).relu()
+        return h + g
+
+
+def _exports(monkeypatch) -> list:
+    calls = []
+    export = capture_module._export
+    monkeypatch.setattr(capture_module, "_export", lambda *a: calls.append(a[-1]) or export(*a))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_mode_read_that_changes_no_op_costs_no_second_export(mode, monkeypatch):
+    exports = _exports(monkeypatch)
+    model = ModeReader("nothing").train()
+    captured = capture(model, (torch.randn(3, 4),), mode=mode)
+    assert captured.fixed_mode is None and exports == [mode == "train"]
+    assert _flags(model) == {name: True for name in _flags(model)}  # as they were
+
+
+@pytest.mark.parametrize(
+    "branch, difference",
+    [
+        ("input", "(first difference at node mul in the top-level module)"),
+        ("outputs", "(first difference at node output in the top-level module)"),
+        ("op", "(first difference at node relu in the top-level module, where the other mode's graph has output)"),
+    ],
+)
+def test_a_mode_read_that_changes_what_is_computed_is_exported_in_the_other_mode(branch, difference, monkeypatch):
+    exports = _exports(monkeypatch)
+    captured = capture(ModeReader(branch), (torch.randn(3, 4),), mode="train")
+    assert exports == [True, False]
+    assert captured.fixed_mode == f"in eval mode its Python computes another graph {difference}"
+
+
 # -- dynamic batch -------------------------------------------------------------------------
 
 
