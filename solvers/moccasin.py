@@ -348,6 +348,7 @@ def solve(
     stall_share: float = STALL_SHARE,
     starts: dict | None = None,
     search_kicks: bool = True,
+    local_search: bool = True,
 ) -> Schedule:
     """The cheapest schedule within ``budget`` found in ``time_limit`` seconds.
 
@@ -362,7 +363,9 @@ def solve(
     ``intervals_per_node`` compete with the local search, and phase two begins from the
     cheapest. The search kicks (perturbs its closest schedule and goes on) only when no start
     fits and ``search_kicks`` (False: a caller has searched with kicks at this budget before,
-    ``greedy_schedule``, and found nothing). The result says which (``phase_one``: "plain",
+    ``greedy_schedule``, and found nothing). ``local_search=False``: a caller's local search
+    at this budget and setting is among ``starts`` (its descents would find it again); the
+    search runs only when no start fits. The result says which (``phase_one``: "plain",
     "local search", "cp-sat" or a start's name), what each candidate cost (``start_costs``)
     and when the first schedule was there (``seconds_to_first``); its ``trace`` starts with
     its cost.
@@ -409,10 +412,11 @@ def solve(
     candidates = {name: spans for name, spans in (starts or {}).items()
                   if _usable_start(graph, order, spans, budget, keep, copies)}  # fmt: skip
     stall = None if stall_seconds is None else (stall_seconds, stall_share, started)
-    search = _search(graph, order, budget, intervals_per_node, keep, time_limit * search_share, seed, stall,
-                     kicks=search_kicks and not candidates)  # fmt: skip
-    if search.fits():
-        candidates = {"local search": search.intervals(), **candidates}
+    if local_search or not candidates:
+        search = _search(graph, order, budget, intervals_per_node, keep, time_limit * search_share, seed, stall,
+                         kicks=search_kicks and not candidates)  # fmt: skip
+        if search.fits():
+            candidates = {"local search": search.intervals(), **candidates}
     if not candidates:
         first, status, smallest = _lower_the_peak(graph, order, budget, intervals_per_node, keep, search.intervals(),
                                                   time_limit - (time.perf_counter() - started), workers, seed,

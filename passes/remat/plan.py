@@ -251,8 +251,9 @@ class Planner:
             time_limit=self.remat.time_limit,
             workers=self.remat.workers or os.cpu_count() or 1,
             keep=model.keep,
-            starts=self._starts | ({"local search": probe} if probe is not None else {}),
+            starts=({"local search": probe} if probe is not None else {}) | self._starts,
             search_kicks=not searched,
+            local_search=probe is None,  # the probe's descents are the search's: not run twice
         )
         schedule.plan_cache = "off" if key is None else "miss"
         if key is not None and schedule.has_schedule:

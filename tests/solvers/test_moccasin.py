@@ -469,3 +469,21 @@ def test_a_start_that_fits_begins_phase_two_and_bad_ones_are_ignored():
     assert set(result.start_costs) <= {"given", "local search"} and "given" in result.start_costs
     assert result.objective == optimum.objective
     assert result.phase_one == min(result.start_costs, key=result.start_costs.get)
+
+
+def test_the_search_is_not_run_again_for_a_callers_schedule_unless_none_fits(monkeypatch):
+    graph, order = training_chain(8)
+    budget = peak_memory(graph, order, no_remat_intervals(graph, order)) - 3
+    searches = []
+    search = moccasin._search
+    monkeypatch.setattr(moccasin, "_search", lambda *a, **k: searches.append(a[3]) or search(*a, **k))
+    found = moccasin.greedy_schedule(graph, order, budget, 3)
+    assert found is not None and searches == [3]
+    quick = dict(intervals_per_node=3, time_limit=10, workers=2)
+    given = moccasin.solve(graph, order, budget, starts={"local search": found}, local_search=False, **quick)
+    assert searches == [3] and given.start_costs.keys() == {"local search"}
+    assert given.objective == moccasin.solve(graph, order, budget, **quick).objective
+    assert searches == [3, 3]
+    # the caller's schedule does not fit this budget: the search runs after all
+    tighter = moccasin.solve(graph, order, budget - 1, starts={"local search": found}, local_search=False, **quick)
+    assert searches == [3, 3, 3] and tighter.has_schedule
