@@ -508,10 +508,11 @@ def _lower_the_peak(graph, order, budget, intervals_per_node, keep, closest, tim
 # DEEPER_SECONDS. Training steps need chains: a ReLU recomputed from its batch norm's output
 # recomputed from the convolution's; at 0.5 of the activation memory the descents meet the
 # budget on HF T5 only from depth 2, on GPT-2 from 3, and find Llama schedules 28% cheaper at
-# 2. On random layered graphs the deeper chains change little, and on the dense 1000-node ones
-# (10 s or more per depth) the time rule keeps them out.
+# 2, and on T5 the cheapest at 3 (2.67M FLOPs against 7.05M at 2). On random layered graphs
+# the deeper chains change little, and on the dense 1000-node ones (15 s for depth 1, 45 s for
+# depth 3) the time rule keeps them out; at 1 s it kept T5's depth 3 out on a loaded machine.
 SEARCH_DEPTHS = (1, 2, 3)
-DEEPER_SECONDS = 1.0
+DEEPER_SECONDS = 2.0
 
 
 def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_node: int = 2, keep=(), *,
@@ -587,7 +588,12 @@ class _Repair:
     recomputes it at a later time b: at its next read with its missing inputs supplied there
     (kept longer, recomputed at b themselves, a chain, or recomputed when their own inputs
     are last alive), or at the time in between that frees the most memory net of keeping its
-    inputs longer. A tensor with no interval left moves its last recomputation instead.
+    inputs longer. Where none of these lowers the overflow at any of the worst times, also at
+    the time in between with the least memory, its inputs supplied there, then kept to its
+    read: the chain is recomputed where there is room, not all at once at the read (a
+    ResNet-style step at 0.5 of its activations then meets the budget recomputing ReLUs and
+    batch-norm outputs, 38M FLOPs, where it needed 66M of convolutions). A tensor with no
+    interval left moves its last recomputation instead.
     Moves are estimated from prefix sums over the profile, the best ``candidates`` measured
     exactly, and taken (up to ``batch`` of them while they still help) by what they remove of
     the penalty (memory over the budget, weighted ``over_weight``, plus memory over a target
@@ -669,7 +675,9 @@ class _Repair:
             if not len(over):
                 return True
             self._worst = over[np.argsort(-excess[over], kind="stable")][: self.targets]
-            if not any(self._improve(int(t)) for t in self._worst):
+            if not any(self._improve(int(t)) for t in self._worst) and not any(
+                self._improve(int(t), early_chains=True) for t in self._worst
+            ):
                 return False
         return None
 
@@ -844,7 +852,16 @@ class _Repair:
                 best = (net, b)
         return best
 
-    def _moves(self, t) -> list:
+    def _early_time(self, previous, t, following) -> int | None:
+        """The time in (t, following) with the least memory, where a recomputation and the
+        chain that supplies its inputs cost the least room, to be kept from there to its read
+        at ``following``; None where there is no such time (or it is ``following`` itself)."""
+        first = max(t + 1, previous + 2)
+        if first >= following:
+            return None
+        return first + int(np.argmin(self.profile[first:following]))
+
+    def _moves(self, t, early_chains: bool = False) -> list:
         """Moves that drop a tensor alive at t and not read then: (estimated score, ops), the
         most promising first. The memory freed over the gap bounds a move's estimate, so
         tensors are estimated in the order of that bound until it cannot reach the best."""
@@ -878,6 +895,14 @@ class _Repair:
             net, between = self._best_time(v, previous, t, following)
             if between != following:
                 moves.append((net / weight, prefix + [(v, between, 1)]))
+            early = self._early_time(previous, t, following) if early_chains else None
+            if early is not None:
+                chain, added = (), self._keeping(v, early, following - 1)
+                for p in self.parents[v]:
+                    more, ops = self._supply(p, early, self.depth)
+                    added, chain = added + more, chain + ops
+                net = dropped[early] - dropped[previous + 1] - added
+                moves.append((net / weight, prefix + [(v, early, 1)] + list(dict.fromkeys(chain))))
             for score, ops in moves:
                 item = (score, len(found) + len(droppable) * v + between, ops)
                 if len(found) < self.candidates:
@@ -887,11 +912,11 @@ class _Repair:
         found = sorted(((score, ops) for score, _, ops in found), key=lambda item: -item[0])
         return [move for move in found if move[0] > 0] or found[: self.candidates // 4]
 
-    def _improve(self, t) -> bool:
+    def _improve(self, t, early_chains: bool = False) -> bool:
         """Take the best move that lowers the overflow, dropping a tensor over t."""
         self._prefixes, self._listed, self._supplies = {}, {}, {}
         measured = []
-        for _, ops in self._moves(t):
+        for _, ops in self._moves(t, early_chains):
             found = self._measure(ops)
             if found is not None and found[0] < 0:
                 delta, cost = found[:2]

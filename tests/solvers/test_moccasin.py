@@ -487,3 +487,17 @@ def test_the_search_is_not_run_again_for_a_callers_schedule_unless_none_fits(mon
     # the caller's schedule does not fit this budget: the search runs after all
     tighter = moccasin.solve(graph, order, budget - 1, starts={"local search": found}, local_search=False, **quick)
     assert searches == [3, 3, 3] and tighter.has_schedule
+
+
+def test_where_nothing_else_helps_a_chain_is_recomputed_where_there_is_room(monkeypatch):
+    # the descents alone: recomputing a tensor and its missing inputs all at its read leaves this
+    # budget out of reach; recomputed at the time in between with the least memory and kept to
+    # the read, it fits
+    monkeypatch.setattr(moccasin, "DEEPER_SECONDS", math.inf)
+    graph, order = random_layered_graph(40, seed=10, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.7)
+    found = moccasin.greedy_schedule(graph, order, budget, 2, kicks=False)
+    assert found is not None
+    validate(graph, order, found, budget)
+    monkeypatch.setattr(moccasin._Repair, "_early_time", lambda self, *args: None)
+    assert moccasin.greedy_schedule(graph, order, budget, 2, kicks=False) is None
