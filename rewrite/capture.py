@@ -5,10 +5,10 @@ Python values is fixed at capture (branches on ``self.training`` included); the 
 for is the one recorded. When the model has code that reads ``.training`` (other than
 dropout and batch norm, whose mode the graph records as flags), it is captured in the other
 mode too, unless its ops traced on fake tensors in both modes are the same (a fifth of the
-time or less): if that graph differs beyond those flags, ``Capture.fixed_mode`` says where, and the
-rewritten module refuses to switch. The batch dimension (dim 0 of every tensor input)
-is captured as dynamic where torch.export can keep it so (``torch.export.Dim.AUTO``), so the
-returned module takes other batch sizes too.
+time or less): if that graph differs beyond those flags, ``Capture.fixed_mode`` says where,
+and the rewritten module refuses to switch. The batch dimension (dim 0 of every tensor
+input) is captured as dynamic where torch.export can keep it so
+(``torch.export.Dim.AUTO``), so the returned module takes other batch sizes too.
 """
 
 from __future__ import annotations
@@ -257,7 +257,8 @@ class _OpTrace(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(out)):
-            self.ops.append((func, pytree.tree_map(self.name, (args, kwargs)), torch.is_grad_enabled(), pytree.tree_map(self.name, out)))
+            inputs, outputs = pytree.tree_map(self.name, (args, kwargs)), pytree.tree_map(self.name, out)
+            self.ops.append((func, inputs, torch.is_grad_enabled(), outputs))
         return out
 
 

@@ -897,7 +897,7 @@ class _Repair:
                 moves.append((net / weight, prefix + [(v, between, 1)]))
             early = self._early_time(previous, t, following) if early_chains else None
             if early is not None:
-                chain, added = (), self._keeping(v, early, following - 1)
+                chain, added = (), 0  # v stays alive from there on, as it is now
                 for p in self.parents[v]:
                     more, ops = self._supply(p, early, self.depth)
                     added, chain = added + more, chain + ops
