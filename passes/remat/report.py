@@ -55,6 +55,11 @@ def explain(
             else ""
         )
         return f"no schedule fits the {asked}{floor}{hint}: raise the budget{more}"
+    if schedule.stopped == "stalled":  # the stall rule, not the time limit, ended the search: more time would not help
+        return (
+            f"no schedule within the {asked} was found: the search stopped closing in on it after "
+            f"{schedule.seconds:.1f} s; raise the budget{more}, or take the closest schedule found (closest=True)"
+        )
     return f"no schedule within the {asked} was found in {schedule.seconds:.1f} s: raise time_limit or the budget{more}"
 
 

@@ -213,3 +213,22 @@ def test_inference_has_no_gradients_so_both_meanings_coincide():
     for key in ("budget_bytes", "activation_peak_before_bytes", "simulated_peak_before_bytes"):
         assert figures["activations"][key] == figures["peak"][key]
     assert figures["peak"]["activation_peak_before_bytes"] == figures["peak"]["simulated_peak_before_bytes"]
+
+
+@pytest.mark.parametrize(
+    "stopped, advice",
+    [
+        ("stalled", "the search stopped closing in on it after 3.5 s; raise the budget, or allow more recomputations "
+                    "(intervals=5), or take the closest schedule found (closest=True)"),
+        ("time_limit", "was found in 3.5 s: raise time_limit or the budget, or allow more recomputations (intervals=5)"),
+    ],
+)  # fmt: skip
+def test_no_schedule_found_advises_more_time_only_where_the_time_limit_ended_the_search(stopped, advice):
+    from passes.remat.report import explain
+    from solvers.schedule import Schedule
+
+    schedule = Schedule("unknown", solver="moccasin", budget=130176, stopped=stopped)
+    schedule.seconds = 3.5
+    message = explain(schedule, 260352, more_intervals=5, of="activations")
+    assert message.startswith("no schedule within the budget 127.1 KiB (0.50 of the peak activation memory 254.2 KiB)")
+    assert message.endswith(advice)
