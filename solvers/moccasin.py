@@ -378,7 +378,7 @@ def solve(
     met fails in seconds. ``stall_seconds=None`` and ``gap=0`` run to the time limit (or a
     proof of optimality). The result says why it stopped (``stopped``: "optimal", "gap",
     "stalled", "time_limit"; with no schedule, "infeasible" when that is proved, else
-    "stalled").
+    "stalled" or "time_limit").
     """
     check_problem(graph, order, budget)
     if intervals_per_node < 1:
@@ -418,12 +418,12 @@ def solve(
         if search.fits():
             candidates = {"local search": search.intervals(), **candidates}
     if not candidates:
-        first, status, smallest = _lower_the_peak(graph, order, budget, intervals_per_node, keep, search.intervals(),
-                                                  time_limit - (time.perf_counter() - started), workers, seed,
-                                                  started, stopping)  # fmt: skip
+        first, status, smallest, stopped = _lower_the_peak(graph, order, budget, intervals_per_node, keep,
+                                                           search.intervals(),
+                                                           time_limit - (time.perf_counter() - started), workers,
+                                                           seed, started, stopping)  # fmt: skip
         if first is None:
-            result = Schedule(status, solver="moccasin", budget=budget,
-                              stopped="infeasible" if status == "infeasible" else "stalled")  # fmt: skip
+            result = Schedule(status, solver="moccasin", budget=budget, stopped=stopped)
             if find_smallest_budget:
                 result.smallest_feasible_budget = smallest
             result.seconds = time.perf_counter() - started
@@ -485,7 +485,8 @@ def _lower_the_peak(graph, order, budget, intervals_per_node, keep, closest, tim
     the budget), and stop once it is within the budget, once its bound proves the budget out
     of reach, or as ``stopping`` says (``_Watch``; no gap stop: only the budget matters).
     Returns (intervals or None, status, the smallest peak found: an upper bound on the
-    smallest feasible budget)."""
+    smallest feasible budget, why it stopped without a schedule: "infeasible" when proved,
+    "stalled" by the stall rule, else "time_limit")."""
     model = _Model(graph, order, budget, intervals_per_node, keep, minimize_budget=True)
     model.hint(closest)
     # Most of the time goes to finding a first schedule: without one there is nothing to
@@ -494,13 +495,16 @@ def _lower_the_peak(graph, order, budget, intervals_per_node, keep, closest, tim
     progress = _Progress(time.perf_counter(), 1.0, stop_at=budget, min_gain=SEARCH_GAIN)
     with _Watch(solver, progress, started, stopping["stall_seconds"], stopping["stall_share"], 0.0, budget) as watch:
         status = solver.solve(model.model, progress)
+    unproved = "stalled" if watch.reason == "stalled" else "time_limit"
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return None, "infeasible" if status == cp_model.INFEASIBLE else "unknown", None
+        if status == cp_model.INFEASIBLE:
+            return None, "infeasible", None, "infeasible"
+        return None, "unknown", None, unproved
     smallest = int(solver.value(model.capacity))
     if smallest <= budget:
-        return model.intervals(solver), "feasible", None
+        return model.intervals(solver), "feasible", None, None
     proved = status == cp_model.OPTIMAL or watch.reason == "bound" or solver.best_objective_bound > budget
-    return None, "infeasible" if proved else "unknown", smallest
+    return None, "infeasible" if proved else "unknown", smallest, "infeasible" if proved else unproved
 
 
 # The local search's descents supply a recomputation's missing inputs with chains this deep

@@ -501,3 +501,13 @@ def test_where_nothing_else_helps_a_chain_is_recomputed_where_there_is_room(monk
     validate(graph, order, found, budget)
     monkeypatch.setattr(moccasin._Repair, "_early_time", lambda self, *args: None)
     assert moccasin.greedy_schedule(graph, order, budget, 2, kicks=False) is None
+
+
+def test_a_search_that_found_no_schedule_says_whether_time_or_the_stall_rule_ended_it():
+    graph, order = random_layered_graph(200, seed=8, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.3)
+    common = dict(workers=2, find_smallest_budget=False, search_kicks=False)
+    timed_out = moccasin.solve(graph, order, budget, time_limit=1.0, stall_seconds=None, **common)
+    assert not timed_out.has_schedule and timed_out.stopped == "time_limit"
+    stalled = moccasin.solve(graph, order, budget, time_limit=30, stall_seconds=0.5, stall_share=0.0, **common)
+    assert not stalled.has_schedule and stalled.stopped == "stalled" and stalled.seconds < 20
