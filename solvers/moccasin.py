@@ -856,6 +856,15 @@ class _Repair:
                 best = (net, b)
         return best
 
+    def _with_inputs(self, v, b) -> tuple[int, list]:
+        """(estimated overflow added, ops) to recompute v at b with its missing inputs supplied
+        there (``_supply``: kept longer or recomputed, in chains up to ``depth``)."""
+        added, chain = 0, ()
+        for p in self.parents[v]:
+            more, ops = self._supply(p, b, self.depth)
+            added, chain = added + more, chain + ops
+        return added, [(v, b, 1), *dict.fromkeys(chain)]
+
     def _early_time(self, previous, t, following) -> int | None:
         """The time in (t, following) with the least memory, where a recomputation and the
         chain that supplies its inputs cost the least room, to be kept from there to its read
@@ -891,22 +900,15 @@ class _Repair:
                 break
             # With no interval left, its current recomputation moves here.
             prefix = [] if len(self.comps[v]) < self.slots[v] else [(v, self.comps[v][-1], -1)]
-            chain, added = (), 0
-            for p in self.parents[v]:
-                more, ops = self._supply(p, following, self.depth)
-                added, chain = added + more, chain + ops
-            moves = [((gain - added) / weight, prefix + [(v, following, 1)] + list(dict.fromkeys(chain)))]
+            added, ops = self._with_inputs(v, following)
+            moves = [((gain - added) / weight, prefix + ops)]
             net, between = self._best_time(v, previous, t, following)
             if between != following:
                 moves.append((net / weight, prefix + [(v, between, 1)]))
             early = self._early_time(previous, t, following) if early_chains else None
             if early is not None:
-                chain, added = (), 0  # v stays alive from there on, as it is now
-                for p in self.parents[v]:
-                    more, ops = self._supply(p, early, self.depth)
-                    added, chain = added + more, chain + ops
-                net = dropped[early] - dropped[previous + 1] - added
-                moves.append((net / weight, prefix + [(v, early, 1)] + list(dict.fromkeys(chain))))
+                added, ops = self._with_inputs(v, early)  # v stays alive from there on, as it is now
+                moves.append(((dropped[early] - dropped[previous + 1] - added) / weight, prefix + ops))
             for score, ops in moves:
                 item = (score, len(found) + len(droppable) * v + between, ops)
                 if len(found) < self.candidates:
