@@ -463,6 +463,11 @@ def solve(
                     seconds_to_first=seconds_to_first, stopped=stopped, start_costs=start_costs)  # fmt: skip
 
 
+def usable_start(graph: nx.DiGraph, order: list, intervals, budget: int, intervals_per_node: int, keep=()) -> bool:
+    """Whether ``intervals`` can start ``solve`` at this many intervals per node (and budget)."""
+    return _usable_start(graph, order, intervals, budget, set(keep), interval_counts(graph, order, intervals_per_node, keep))
+
+
 def _usable_start(graph, order, intervals, budget, keep, copies) -> bool:
     """Whether ``intervals`` can start phase two: a valid schedule within the budget with no
     more intervals per node than the model has, each recomputation at least two steps after

@@ -116,7 +116,9 @@ def min_cut_saved(model: MemoryModel, settings=MIN_CUT_SETTINGS) -> Iterator[tup
     for setting in settings:
         copy = _copy(joint)
         try:
-            with functorch_config.patch(activation_memory_budget=setting):
+            # cse=False: min-cut partitions the graph as the solver sees it (its CSE would merge
+            # units the solver counts apart, and takes a second to import on first use)
+            with functorch_config.patch(activation_memory_budget=setting, cse=False):
                 _, backward = min_cut_rematerialization_partition(copy, None, num_fwd_outputs=num_fwd_outputs)
         except Exception:  # noqa: BLE001 - min-cut refusing a graph only means one start fewer
             continue

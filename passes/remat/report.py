@@ -46,19 +46,19 @@ def explain(
             "the last of them"
         )
     more = f", or allow more recomputations (intervals={more_intervals})" if more_intervals else ""
+    smallest = max(schedule.smallest_feasible_budget or 0, fits or 0)
+    hint = (
+        f"; the smallest budget a schedule was found for is {format_bytes(smallest)} ({suggested_budget(smallest, plain_peak)})"
+        if smallest
+        else ""
+    )
     if schedule.status == "infeasible":
         floor = f"; {budget_floor(model, of)}" if model is not None else ""
-        smallest = max(schedule.smallest_feasible_budget or 0, fits or 0)
-        hint = (
-            f"; the smallest budget a schedule was found for is {format_bytes(smallest)} ({suggested_budget(smallest, plain_peak)})"
-            if smallest
-            else ""
-        )
         return f"no schedule fits the {asked}{floor}{hint}: raise the budget{more}"
     if schedule.stopped == "stalled":  # the stall rule, not the time limit, ended the search: more time would not help
         return (
             f"no schedule within the {asked} was found: the search stopped closing in on it after "
-            f"{schedule.seconds:.1f} s; raise the budget{more}, or take the closest schedule found (closest=True)"
+            f"{schedule.seconds:.1f} s{hint}; raise the budget{more}, or take the closest schedule found (closest=True)"
         )
     return f"no schedule within the {asked} was found in {schedule.seconds:.1f} s: raise time_limit or the budget{more}"
 

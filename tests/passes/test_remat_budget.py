@@ -232,3 +232,16 @@ def test_no_schedule_found_advises_more_time_only_where_the_time_limit_ended_the
     message = explain(schedule, 260352, more_intervals=5, of="activations")
     assert message.startswith("no schedule within the budget 127.1 KiB (0.50 of the peak activation memory 254.2 KiB)")
     assert message.endswith(advice)
+
+
+def test_a_stalled_search_names_the_smallest_budget_a_schedule_was_found_for():
+    # HF OPT at 0.5 of its activations: the search stalls 3.4 KiB over, and the schedule it
+    # ends with, solved again at its peak, fits 137728 B once written out
+    from passes.remat.report import explain
+    from solvers.schedule import Schedule
+
+    schedule = Schedule("unknown", solver="moccasin", budget=130176, stopped="stalled")
+    schedule.seconds, schedule.smallest_feasible_budget = 3.4, 133632
+    message = explain(schedule, 260352, more_intervals=5, of="activations", fits=137728)
+    assert 'after 3.4 s; the smallest budget a schedule was found for is 134.5 KiB (budget=0.530, or budget="137728B"); ' \
+           "raise the budget" in message, message
