@@ -116,8 +116,8 @@ class Remat(Pass):
         0,
         "retention intervals per tensor: at most intervals-1 recomputations each (the solver's model grows with "
         f"the square of it); 0: {', then '.join(map(str, AUTO_INTERVALS))}, each tried when the search found no schedule with the one before, "
-        "first the fewest with which the schedule a quick local search at the most finds can be solved, or the most alone "
-        "where it finds none",
+        "first the fewest with which the schedule a quick local search at the most finds can be solved (and the next "
+        "from that one's proved optimum, the cheaper kept), or the most alone where it finds none",
         ge=0,
         le=MAX_INTERVALS,
     )

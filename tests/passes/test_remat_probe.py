@@ -1,6 +1,8 @@
 """remat's intervals=0 probe (passes/remat/plan.py ``_auto_order``): the local search's
-descents at each setting, then its kicks at the most intervals, decide which setting is solved
-first; the schedule it found starts that solve, and kicks that found nothing are not repeated."""
+descents at the most intervals, then its kicks, decide which setting is solved first (the
+fewest its schedule can start); the schedule it found starts that solve, and kicks that found
+nothing are not repeated. Where that solve proves its optimum, one more interval is tried
+(``Planner._one_more``)."""
 
 import math
 import types
@@ -88,3 +90,61 @@ def test_where_the_search_found_nothing_one_solve_with_the_most_intervals(monkey
     module = optimize(model, [Remat(budget=0.6, time_limit=10, workers=2, cache=False)], (torch.randn(64, 32),), verify=False)
     most = max(plan.AUTO_INTERVALS)
     assert solved == [(most, True)] and module.report["remat"].figures["intervals"] == most
+
+
+def _scripted_planner(monkeypatch, answer, peak=100):
+    """A planner whose solves return ``answer`` (recorded), its written-out steps peaking at ``peak``."""
+    from passes import Remat
+
+    calls = []
+
+    def solve(self, graph, model, target, intervals, probe=None, searched=False, start="local search", stall_seconds=None):
+        calls.append(dict(intervals=intervals, probe=probe, searched=searched, start=start, stall_seconds=stall_seconds))
+        return answer
+
+    monkeypatch.setattr(plan.Planner, "_solve", solve)
+    monkeypatch.setattr(plan, "realize", lambda model, intervals: (None, None))
+    monkeypatch.setattr(plan, "activation_profile", lambda graph: [peak])
+    return plan.Planner(Remat(budget=0.5, cache=False)), calls
+
+
+def _found(objective, status="optimal", intervals_per_node=2, seconds=1.0, plan_cache="off"):
+    from solvers.schedule import Schedule
+
+    return Schedule(status, objective, intervals={"a": [(0, 1)]}, seconds=seconds, intervals_per_node=intervals_per_node,
+                    plan_cache=plan_cache)  # fmt: skip
+
+
+def test_a_proved_optimum_is_solved_again_with_one_interval_more_and_the_cheaper_taken(monkeypatch):
+    planner, calls = _scripted_planner(monkeypatch, _found(8.0, "feasible", None, seconds=2.0))
+    first = _found(10.0)
+    schedule, realized = planner._one_more(None, None, 150, first, 120)
+    assert calls == [dict(intervals=3, probe=first.intervals, searched=True, start="cp-sat at 2 intervals",
+                          stall_seconds=plan._ONE_MORE_STALL_SECONDS)]  # fmt: skip
+    assert schedule.objective == 8.0 and schedule.intervals_per_node == 3 and schedule.seconds == 3.0 and realized == 100
+
+
+@pytest.mark.parametrize(
+    "first, again, peak",
+    [
+        (_found(10.0), _found(10.0, "feasible", None), 100),  # no cheaper
+        (_found(10.0), _found(8.0, "feasible", None), 200),  # cheaper, but over the budget written out
+        (_found(10.0), _found(None, "unknown", None), 100),  # none found
+    ],
+)
+def test_one_interval_more_is_kept_only_where_cheaper_and_within_the_budget(monkeypatch, first, again, peak):
+    planner, calls = _scripted_planner(monkeypatch, again, peak)
+    assert planner._one_more(None, None, 150, first, 120) == (first, 120) and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        _found(10.0, "feasible"),  # not proved: the intervals may not be what binds
+        _found(10.0, plan_cache="hit"),  # the cache holds the better of the two
+        _found(10.0, intervals_per_node=max(plan.AUTO_INTERVALS)),  # no setting beyond
+    ],
+)
+def test_one_interval_more_is_not_tried_unless_a_fresh_solve_proved_its_optimum(monkeypatch, first):
+    planner, calls = _scripted_planner(monkeypatch, _found(1.0))
+    assert planner._one_more(None, None, 150, first, 120) == (first, 120) and calls == []
