@@ -11,7 +11,7 @@ import pytest
 
 from passes.remat import plan
 from solvers import moccasin
-from solvers.schedule import no_remat_intervals, peak_memory, random_layered_graph, recompute_cost, validate
+from solvers.schedule import no_remat_intervals, peak_memory, random_layered_graph, validate
 
 
 @pytest.fixture(autouse=True)
