@@ -52,7 +52,8 @@ class Schedule:
     peak: int | None = None
     smallest_feasible_budget: int | None = None
     trace: list = field(default_factory=list)
-    # the schedule phase two began from: "plain", "local search", "cp-sat" or a start's name
+    # the schedule phase two began from: "plain", "local search", "cp-sat" or a start's name;
+    # or the late start (``moccasin.solve``'s ``late_starts``) the result is, where it beat phase two
     phase_one: str = ""
     seconds_to_first: float | None = None  # when the first schedule within the budget was found
     # why the search stopped: "optimal", "gap", "stalled", "time_limit" or "infeasible"

@@ -251,7 +251,8 @@ class Planner:
         """``moccasin.solve`` at ``target`` bytes through the plan cache (the ``cache`` option),
         started from min-cut's and checkpointing's schedules where they fit
         (``passes.remat.hints``; computed once per model, on the first miss, and only when the
-        plain step does not fit) and from ``probe`` (the local search's schedule when
+        plain step does not fit; with a ``probe``, while CP-SAT solves from it: the solve's
+        ``late_starts``) and from ``probe`` (the local search's schedule when
         ``_auto_order`` found one, or another named ``start``; ``searched``: the search ran
         at this budget; ``stall_seconds``: the stall rule's, in place of the solver's default)."""
         from passes.remat import cache, hints
@@ -264,11 +265,19 @@ class Planner:
             cached = cache.load(key, graph, model, target, intervals, self.remat.time_limit)
             if cached is not None:
                 return cached
+        late = None
         if self._starts is None:
             plain_fits = peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= target
-            self._starts = {} if plain_fits else hints.training_starts(
-                model, fits=lambda spans: peak_memory(graph, model.order, spans) <= target
-            )
+
+            def late():  # noqa: F811 - None below where they are needed now or not at all
+                self._starts = hints.training_starts(model, fits=lambda spans: peak_memory(graph, model.order, spans) <= target)
+                return self._starts
+
+            if plain_fits:
+                self._starts, late = {}, None
+            elif probe is None:  # the solve may need them to begin
+                late()
+                late = None
         schedule = moccasin.solve(
             graph,
             model.order,
@@ -277,9 +286,11 @@ class Planner:
             time_limit=self.remat.time_limit,
             workers=self.remat.workers or os.cpu_count() or 1,
             keep=model.keep,
-            starts=({start: probe} if probe is not None else {}) | self._starts,
+            starts=({start: probe} if probe is not None else {}) | (self._starts or {}),
             search_kicks=not searched,
             local_search=probe is None,  # the probe's descents are the search's: not run twice
+            # with the probe's schedule to begin from, min-cut partitions while CP-SAT solves
+            late_starts=late,
             **({} if stall_seconds is None else {"stall_seconds": stall_seconds}),
         )
         schedule.plan_cache = "off" if key is None else "miss"

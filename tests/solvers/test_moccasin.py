@@ -3,6 +3,7 @@ clear answers for infeasible budgets, bad problems and time limits."""
 
 import math
 import random
+import threading
 
 import networkx as nx
 import pytest
@@ -511,3 +512,76 @@ def test_a_search_that_found_no_schedule_says_whether_time_or_the_stall_rule_end
     assert not timed_out.has_schedule and timed_out.stopped == "time_limit"
     stalled = moccasin.solve(graph, order, budget, time_limit=30, stall_seconds=0.5, stall_share=0.0, **common)
     assert not stalled.has_schedule and stalled.stopped == "stalled" and stalled.seconds < 20
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_polish_keeps_a_valid_schedule_and_never_costs_more(monkeypatch, seed):
+    monkeypatch.setattr(moccasin, "DEEPER_SECONDS", math.inf)
+    monkeypatch.setattr(moccasin, "POLISH_SECONDS", math.inf)
+    graph, order = random_layered_graph(60, seed=seed, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.7)
+    polished = moccasin._search(graph, order, budget, 3, set(), 30.0, 0, kicks=False)
+    monkeypatch.setattr(moccasin, "POLISH_PATIENCE", 0)
+    plain = moccasin._search(graph, order, budget, 3, set(), 30.0, 0, kicks=False)
+    assert plain.fits() == polished.fits()
+    if polished.fits():
+        validate(graph, order, polished.intervals(), budget)
+        assert polished.total_cost() <= plain.total_cost()
+        assert polished.total_cost() == recompute_cost(graph, polished.intervals())
+
+
+def test_the_polish_finds_a_cheaper_stand_in_for_a_dear_recomputation(monkeypatch):
+    # the descents stop at the first schedule that fits (44); dropping its dearest
+    # recomputations and repairing from there finds one of 31
+    monkeypatch.setattr(moccasin, "DEEPER_SECONDS", math.inf)
+    monkeypatch.setattr(moccasin, "POLISH_SECONDS", math.inf)
+    graph, order = random_layered_graph(60, seed=8, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.7)
+    polished = moccasin.greedy_schedule(graph, order, budget, 3, kicks=False)
+    monkeypatch.setattr(moccasin, "POLISH_PATIENCE", 0)
+    plain = moccasin.greedy_schedule(graph, order, budget, 3, kicks=False)
+    validate(graph, order, polished, budget)
+    assert recompute_cost(graph, plain) == 44 and recompute_cost(graph, polished) == 31
+
+
+def test_late_starts_are_made_while_phase_two_runs_and_the_cheaper_taken(monkeypatch):
+    monkeypatch.setattr(moccasin, "DEEPER_SECONDS", math.inf)
+    monkeypatch.setattr(moccasin, "POLISH_SECONDS", math.inf)
+    graph, order = random_layered_graph(60, seed=8, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.7)
+    polished = moccasin.greedy_schedule(graph, order, budget, 3, kicks=False)  # 31
+    monkeypatch.setattr(moccasin, "POLISH_PATIENCE", 0)
+    plain = moccasin.greedy_schedule(graph, order, budget, 3, kicks=False)  # 44
+    seen = []
+
+    def late():
+        seen.append([t.name for t in threading.enumerate()])  # phase two runs meanwhile
+        return {"min-cut": polished, "over the budget": no_remat_intervals(graph, order)}
+
+    # phase two begins from the dearer schedule and, in this little time, does not reach the late one
+    result = moccasin.solve(graph, order, budget, intervals_per_node=3, time_limit=0.2, workers=2,
+                            starts={"given": plain}, local_search=False, late_starts=late)  # fmt: skip
+    assert len(seen) == 1 and "cp-sat phase two" in seen[0]
+    assert result.start_costs == {"given": 44, "min-cut": 31}
+    assert result.phase_one == "min-cut" and result.objective == 31 == result.trace[-1][1]
+    assert result.intervals == polished
+
+
+def test_late_starts_come_first_where_no_start_fits_and_their_errors_stop_the_search(monkeypatch):
+    graph, order = training_chain(8)
+    budget = peak_memory(graph, order, no_remat_intervals(graph, order)) - 3
+    quick = dict(intervals_per_node=3, time_limit=10, workers=2, local_search=False)
+    found = moccasin.greedy_schedule(graph, order, budget, 3, kicks=False)
+    with monkeypatch.context() as patch:  # a search that finds nothing: the late starts are all there is
+        patch.setattr(moccasin, "_search", lambda graph, order, budget, intervals, keep, *rest, **kw:
+                      moccasin._Repair(graph, order, budget, intervals, keep))  # fmt: skip
+        result = moccasin.solve(graph, order, budget, late_starts=lambda: {"min-cut": found}, **quick)
+    assert result.has_schedule and result.phase_one == "min-cut" and result.start_costs.keys() == {"min-cut"}
+
+    def broken():
+        raise RuntimeError("min-cut failed")
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="min-cut failed"):
+        moccasin.solve(graph, order, budget, starts={"given": found}, late_starts=broken, **quick)
+    assert threading.active_count() == before  # the search was stopped and its thread joined
