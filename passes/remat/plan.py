@@ -269,15 +269,16 @@ class Planner:
         if self._starts is None:
             plain_fits = peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= target
 
-            def late():  # noqa: F811 - None below where they are needed now or not at all
+            def make_starts():
                 self._starts = hints.training_starts(model, fits=lambda spans: peak_memory(graph, model.order, spans) <= target)
                 return self._starts
 
             if plain_fits:
-                self._starts, late = {}, None
+                self._starts = {}
             elif probe is None:  # the solve may need them to begin
-                late()
-                late = None
+                make_starts()
+            else:
+                late = make_starts
         schedule = moccasin.solve(
             graph,
             model.order,
