@@ -18,6 +18,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -146,8 +147,12 @@ def _hint(exc: BaseException) -> str:
             "The model branches on the values of a tensor (data-dependent control flow), which a graph "
             "cannot record; compute the condition outside forward, or use torch.cond."
         )
-    if "DynamicCache" in text or "Cache" in name:
-        return "A Hugging Face model built with use_cache=True returns its key/value cache: build it with use_cache=False."
+    if re.search(r"cache_utils\.\w*Cache\b|\bDynamicCache\b", text) or "Cache" in name:
+        return (
+            "A Hugging Face model with use_cache=True returns its key/value cache (DynamicCache, or "
+            "EncoderDecoderCache for T5 and other encoder-decoders): build it with use_cache=False, or pass "
+            "use_cache=False among the call's keyword arguments."
+        )
     if "Unsupported" in name:
         return "torch.export does not support a Python construct the model uses."
     return "torch.export could not trace the model."

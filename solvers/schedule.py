@@ -51,6 +51,7 @@ class Schedule:
     budget: int = 0
     peak: int | None = None
     smallest_feasible_budget: int | None = None
+    smallest_intervals: dict | None = None  # a schedule that fits smallest_feasible_budget
     trace: list = field(default_factory=list)
     # the schedule phase two began from: "plain", "local search", "cp-sat" or a start's name;
     # or the late start (``moccasin.solve``'s ``late_starts``) the result is, where it beat phase two

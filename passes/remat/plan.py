@@ -46,6 +46,11 @@ _PROBE_STALL_SECONDS = 0.5
 # ``_one_more``'s solve starts from a proved optimum with fewer intervals: it stops sooner
 # when that is not bettered (solvers.moccasin's stall rule, this in place of STALL_SECONDS)
 _ONE_MORE_STALL_SECONDS = 1.0
+# ``_fallback`` solves at the smallest budget found to check it written out; where the plan is
+# only checked (closest=False), not taken, its solve may take this long at most (it begins
+# from the schedule found there, so it has one at once; a two-layer Qwen2's went on lowering
+# its cost for 10 s)
+_CHECK_SECONDS = 3.0
 
 
 def parse_size(text: str) -> int:
@@ -109,6 +114,8 @@ class Planner:
     last_found: tuple | None = None
     # min-cut's and checkpointing's schedules for the model being planned (None: not computed yet)
     _starts: dict | None = None
+    # (name, schedule) the first solve begins from where no probe ran (``_fallback``'s)
+    given: tuple | None = None
 
     @property
     def _measure(self):
@@ -157,6 +164,9 @@ class Planner:
             settings = (stored, *(i for i in AUTO_INTERVALS if i != stored))  # planned before: no probe
         else:
             settings, probe, kicked = _auto_order(graph, model, budget)
+        start = "local search"
+        if probe is None and self.given is not None:
+            start, probe = self.given
         for intervals in settings:
             target, realized = budget, None
             self.last_found = None
@@ -164,7 +174,8 @@ class Planner:
                 # the probe searched at this budget: its schedule starts the first setting's solve,
                 # its kicks are not repeated
                 first = attempt == 0 and intervals == settings[0]
-                schedule = self._solve(graph, model, target, intervals, probe if first else None, kicked and first)
+                schedule = self._solve(graph, model, target, intervals, probe if first else None, kicked and first,
+                                       start)  # fmt: skip
                 if not schedule.has_schedule:
                     break
                 # The solver counts each output of a multi-output op from a position of its own;
@@ -310,7 +321,11 @@ class Planner:
         if smallest is None or smallest <= schedule.budget:
             return None
         fixed = schedule.intervals_per_node or self.remat.intervals  # the setting that found it
-        again = Planner(replace(self.remat, budget=f"{smallest}B", closest=False, intervals=fixed), self.schedules, self.resolved, self._solved)
+        quick = {} if self.remat.closest else {"time_limit": min(self.remat.time_limit, _CHECK_SECONDS)}
+        again = Planner(replace(self.remat, budget=f"{smallest}B", closest=False, intervals=fixed, **quick),
+                        self.schedules, self.resolved, self._solved)  # fmt: skip
+        if schedule.smallest_intervals is not None:  # what the solver found there begins the solve
+            again.given = ("the smallest budget's", schedule.smallest_intervals)
         try:
             again(model)
         except RematError:

@@ -80,9 +80,9 @@ def test_where_the_search_found_nothing_one_solve_with_the_most_intervals(monkey
     solved = []
     solve = plan.Planner._solve
 
-    def recorded(self, graph, model, target, intervals, probe=None, searched=False):
+    def recorded(self, graph, model, target, intervals, probe=None, searched=False, *rest, **kwargs):
         solved.append((intervals, searched))
-        return solve(self, graph, model, target, intervals, probe, searched)
+        return solve(self, graph, model, target, intervals, probe, searched, *rest, **kwargs)
 
     monkeypatch.setattr(plan, "_auto_order", lambda *args: ((max(plan.AUTO_INTERVALS),), None, True))
     monkeypatch.setattr(plan.Planner, "_solve", recorded)

@@ -126,3 +126,23 @@ def test_t5_whose_output_holds_several_tensors_is_rewritten_and_checked():
     with torch.no_grad():
         out, expected = rewritten(ids, decoder_input_ids=ids), model(ids, decoder_input_ids=ids)
     assert torch.allclose(out.logits, expected.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", ["t5", "mistral"])
+def test_a_model_that_returns_its_key_value_cache_is_told_to_turn_it_off(build):
+    # T5 returns an EncoderDecoderCache, the decoders a DynamicCache: both named, with the fix
+    from rewrite.errors import CaptureError
+
+    torch.manual_seed(0)
+    ids = _ids()
+    if build == "t5":
+        config = transformers.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=128)
+        model, kwargs = transformers.T5ForConditionalGeneration(config).train(), {"decoder_input_ids": ids}
+    else:
+        config = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                            num_key_value_heads=2, vocab_size=128)  # fmt: skip
+        model, kwargs = transformers.MistralForCausalLM(config).train(), {}
+    with pytest.raises(CaptureError, match="returns its key/value cache .*use_cache=False"):
+        optimize(model, ["approx_bp"], (ids,), kwargs)
+    rewritten = optimize(model, ["approx_bp"], (ids,), {**kwargs, "use_cache": False})
+    assert rewritten.report.passes[0].changes

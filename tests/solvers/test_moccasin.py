@@ -176,6 +176,7 @@ def test_infeasible_budget_reports_the_smallest_feasible_one():
     assert result.status == "infeasible" and not result.has_schedule
     smallest = result.smallest_feasible_budget
     assert smallest is not None and smallest >= lowest
+    validate(graph, order, result.smallest_intervals, smallest)  # the schedule found there comes with it
     at_smallest = moccasin.solve(graph, order, smallest, time_limit=10, workers=2)
     assert at_smallest.has_schedule
     validate(graph, order, at_smallest.intervals, smallest)
