@@ -73,6 +73,18 @@ class RematError(PassError):
         super().__init__("remat", message)
 
 
+def _polishing(graph, model: MemoryModel, target: int, probe: dict, intervals: int, late):
+    """Late starts for the solve: ``probe`` polished (``moccasin.polish_schedule``), and
+    ``late``'s (None: none)."""
+    from solvers.moccasin import polish_schedule
+
+    def work() -> dict:
+        polished = polish_schedule(graph, model.order, target, probe, intervals, model.keep)
+        return {"local search, polished": polished, **(late() if late else {})}
+
+    return work
+
+
 def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[tuple[int, ...], dict | None, bool]:
     """``AUTO_INTERVALS`` in the order to try them, first the fewest with which the local
     search's schedule within ``budget`` can be solved, so that a setting with which only
@@ -90,10 +102,12 @@ def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[tuple[int, ...]
     if peak_memory(graph, model.order, no_remat_intervals(graph, model.order, model.keep)) <= budget:
         return AUTO_INTERVALS, None, False
     most = max(AUTO_INTERVALS)
-    schedule = greedy_schedule(graph, model.order, budget, most, model.keep, time_limit=_PROBE_SECONDS, kicks=False)
+    # not polished: the solve polishes it while CP-SAT improves on it (``moccasin.solve``)
+    schedule = greedy_schedule(graph, model.order, budget, most, model.keep, time_limit=_PROBE_SECONDS, kicks=False,
+                               polish=False)  # fmt: skip
     if schedule is None:
         schedule = greedy_schedule(graph, model.order, budget, most, model.keep, time_limit=_PROBE_SECONDS,
-                                   stall_seconds=_PROBE_STALL_SECONDS)  # fmt: skip
+                                   stall_seconds=_PROBE_STALL_SECONDS, polish=False)  # fmt: skip
         if schedule is None:
             return (most,), None, True
     first = min(i for i in AUTO_INTERVALS if usable_start(graph, model.order, schedule, budget, i, model.keep))
@@ -290,6 +304,8 @@ class Planner:
                 make_starts()
             else:
                 late = make_starts
+        if probe is not None and start == "local search":  # polished, like the solve's own search's
+            late = _polishing(graph, model, target, probe, intervals, late)
         schedule = moccasin.solve(
             graph,
             model.order,

@@ -30,7 +30,7 @@ def _problem(fraction: float, nodes: int = 120, seed: int = 4):
 def test_the_fewest_intervals_the_searchs_schedule_can_be_solved_with_come_first(fraction):
     graph, model, budget = _problem(fraction)
     most = max(plan.AUTO_INTERVALS)
-    searched = moccasin.greedy_schedule(graph, model.order, budget, most, kicks=False)
+    searched = moccasin.greedy_schedule(graph, model.order, budget, most, kicks=False, polish=False)
     assert searched is not None, "the descents meet this budget"
     settings, found, kicked = plan._auto_order(graph, model, budget)
     assert found == searched and not kicked and sorted(settings) == sorted(plan.AUTO_INTERVALS)
@@ -44,7 +44,7 @@ def test_the_fewest_intervals_the_searchs_schedule_can_be_solved_with_come_first
 def test_a_schedule_with_one_recomputation_per_tensor_starts_the_fewest_intervals():
     graph, model, budget = _problem(0.9)
     most = max(plan.AUTO_INTERVALS)
-    searched = moccasin.greedy_schedule(graph, model.order, budget, most, kicks=False)
+    searched = moccasin.greedy_schedule(graph, model.order, budget, most, kicks=False, polish=False)
     assert max(len(spans) for spans in searched.values()) == 2, "this budget needs one recomputation at most"
     assert plan._auto_order(graph, model, budget)[0][0] == min(plan.AUTO_INTERVALS)
 
