@@ -352,6 +352,7 @@ def solve(
     search_kicks: bool = True,
     local_search: bool = True,
     late_starts: Callable[[], dict] | None = None,
+    polish_start: str | None = None,
 ) -> Schedule:
     """The cheapest schedule within ``budget`` found in ``time_limit`` seconds.
 
@@ -381,7 +382,9 @@ def solve(
     phase two begins from the descents' own. From the polished one CP-SAT often finds nothing
     better before the stall rule stops it (an 80-node graph: 33 where from the descents' 38 it
     reached the optimum, 30, in 2 s), and each finds what the other misses (GPT-2's step: the
-    polish 4.01M, CP-SAT from the descents' 4.0-4.7M in 5 s).
+    polish 4.01M, CP-SAT from the descents' 4.0-4.7M in 5 s). ``polish_start``: the name of
+    a start that is the caller's local search's (``greedy_schedule(polish=False)``), to be
+    polished so too.
 
     Early stopping: phase two stops before the time limit once the cost is within ``gap`` of
     the proved lower bound ((cost - bound) / cost), or when no better schedule came for
@@ -438,6 +441,9 @@ def solve(
 
     if not candidates and late_starts is not None:
         candidates, late_starts = usable(late_starts()), None
+    if polished is None and polish_start in candidates:
+        polished = _Repair(graph, order, budget, intervals_per_node, keep)
+        polished.follow(candidates[polish_start])
     if not candidates:
         first, status, smallest, stopped = _lower_the_peak(graph, order, budget, intervals_per_node, keep,
                                                            search.intervals(),
@@ -616,22 +622,12 @@ def greedy_schedule(graph: nx.DiGraph, order: list, budget: int, intervals_per_n
     closed in on the budget by less than ``SEARCH_GAIN`` of the excess for that long;
     ``kicks=False``: once its descents found none, in milliseconds). Used to start the exact
     search: CP-SAT alone can take minutes to find a first schedule on graphs of a thousand
-    nodes. ``polish=False``: the descents' (or kicks') schedule as it is (``polish_schedule``
-    polishes it later)."""
+    nodes. ``polish=False``: the descents' (or kicks') schedule as it is (``solve``'s
+    ``polish_start`` polishes it later)."""
     check_problem(graph, order, budget)
     stall = None if stall_seconds is None else (stall_seconds, 0.0, time.perf_counter())
     search = _search(graph, order, budget, intervals_per_node, set(keep), time_limit, seed, stall, kicks, polish)
     return search.intervals() if search.fits() else None
-
-
-def polish_schedule(graph: nx.DiGraph, order: list, budget: int, intervals: dict, intervals_per_node: int, keep=(),
-                    time_limit: float = POLISH_SECONDS) -> dict:  # fmt: skip
-    """``intervals`` (a schedule the local search found within ``budget``) polished
-    (``_Repair.polish``): the same or a cheaper schedule within the budget."""
-    search = _Repair(graph, order, budget, intervals_per_node, set(keep))
-    search.follow(intervals)
-    search.polish(time_limit)
-    return search.intervals()
 
 
 def _search(graph, order, budget, intervals_per_node, keep, time_limit, seed, stall=None, kicks=True,

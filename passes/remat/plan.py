@@ -73,18 +73,6 @@ class RematError(PassError):
         super().__init__("remat", message)
 
 
-def _polishing(graph, model: MemoryModel, target: int, probe: dict, intervals: int, late):
-    """Late starts for the solve: ``probe`` polished (``moccasin.polish_schedule``), and
-    ``late``'s (None: none)."""
-    from solvers.moccasin import polish_schedule
-
-    def work() -> dict:
-        polished = polish_schedule(graph, model.order, target, probe, intervals, model.keep)
-        return {"local search, polished": polished, **(late() if late else {})}
-
-    return work
-
-
 def _auto_order(graph, model: MemoryModel, budget: int) -> tuple[tuple[int, ...], dict | None, bool]:
     """``AUTO_INTERVALS`` in the order to try them, first the fewest with which the local
     search's schedule within ``budget`` can be solved, so that a setting with which only
@@ -304,8 +292,6 @@ class Planner:
                 make_starts()
             else:
                 late = make_starts
-        if probe is not None and start == "local search":  # polished, like the solve's own search's
-            late = _polishing(graph, model, target, probe, intervals, late)
         schedule = moccasin.solve(
             graph,
             model.order,
@@ -319,6 +305,7 @@ class Planner:
             local_search=probe is None,  # the probe's descents are the search's: not run twice
             # with the probe's schedule to begin from, min-cut partitions while CP-SAT solves
             late_starts=late,
+            polish_start="local search",  # the probe's: polished beside CP-SAT, like the solve's own search's
             **({} if stall_seconds is None else {"stall_seconds": stall_seconds}),
         )
         schedule.plan_cache = "off" if key is None else "miss"
