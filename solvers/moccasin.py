@@ -144,7 +144,8 @@ class _Model:
                 demands.append(int(graph.nodes[node]["mem"]))
         if minimize_budget:
             total = sum(int(graph.nodes[v]["mem"]) for v in order)
-            self.capacity = model.new_int_var(min(int(budget), total), max(total, 1), "capacity")
+            self.capacity_range = min(int(budget), total), max(total, 1)
+            self.capacity = model.new_int_var(*self.capacity_range, "capacity")
         else:
             self.capacity = int(budget)
         model.add_cumulative(intervals, demands, self.capacity)
@@ -184,8 +185,14 @@ class _Model:
             model.add_bool_or(options)
 
     def hint(self, intervals: dict) -> None:
-        """Hint every variable from ``intervals`` (a schedule this model allows)."""
+        """Hint every variable from ``intervals`` (a schedule this model allows); the capacity,
+        where it is a variable, with the schedule's peak. A complete hint is CP-SAT's first
+        solution as soon as its presolve is done; without the capacity's (once hinted 0: a
+        proto's repeated field has no index -1) CP-SAT had to repair the hint first."""
         add = self.model.add_hint
+        if not isinstance(self.capacity, int):
+            low, high = self.capacity_range
+            add(self.capacity, min(max(peak_memory(self.graph, self.order, intervals), low), high))
 
         def covering(node, t):
             return next((j for j, (s, e) in enumerate(intervals[node]) if s <= t <= e), None)
@@ -763,10 +770,14 @@ class _Repair:
         ``kicks``, then undo a random third of the recomputations near the worst time and go
         on, until ``patience`` kicks in a row found nothing closer, or (``stall``: seconds,
         share, started) the overflow fell by less than ``SEARCH_GAIN`` of itself for
-        max(seconds, share * time since started); the closest state is kept."""
+        max(seconds, share * time since started), or, after that many seconds of kicks, their
+        pace so far would not bring it to 0 by the time limit (a 1000-node graph at 0.6 of its
+        peak, none found in a minute: 17754 to 16853 in 13 s of kicks, each 2 s window closer
+        by 1% or more); the closest state is kept."""
         deadline = time.perf_counter() + time_limit
         closest, since_closest = None, 0
         mark, marked = None, time.perf_counter()
+        kicked = None  # (when the kicks began, the overflow then)
         while self._descend(deadline) is False:
             target, self.target = self.target, self.budget
             finished = self._descend(deadline)
@@ -783,6 +794,11 @@ class _Repair:
                     mark, marked = closest[0], now
                 elif now - marked >= max(stall[0], stall[1] * (now - stall[2])):
                     break
+                kicked = kicked or (now, closest[0])
+                if now - kicked[0] >= stall[0]:
+                    pace = (kicked[1] - closest[0]) / (now - kicked[0])
+                    if pace * (deadline - now) < closest[0]:
+                        break
             since_closest += 1
             self._kick()
         if closest is not None and closest[0] < self.overflow():

@@ -4,6 +4,7 @@ clear answers for infeasible budgets, bad problems and time limits."""
 import math
 import random
 import threading
+import time
 
 import networkx as nx
 import pytest
@@ -588,3 +589,47 @@ def test_late_starts_come_first_where_no_start_fits_and_their_errors_stop_the_se
     with pytest.raises(RuntimeError, match="min-cut failed"):
         moccasin.solve(graph, order, budget, starts={"given": found}, late_starts=broken, **quick)
     assert threading.active_count() == before  # the search was stopped and its thread joined
+
+
+def test_lowering_the_peak_is_hinted_completely_so_the_hint_is_its_first_solution():
+    # the capacity is hinted with the schedule's peak (raised to the model's least): with every
+    # variable fixed to its hint the model is solved at once, at that peak; a hint without the
+    # capacity's (once 0: a proto's repeated field has no index -1) left CP-SAT to repair it
+    graph, order = random_layered_graph(120, seed=3, width=6, fan_in=3, skip=0.3)
+    plain = peak_memory(graph, order, no_remat_intervals(graph, order))
+    for budget in (int(plain * 0.8), 0):
+        closest = moccasin._search(graph, order, int(plain * 0.8), 2, set(), 10, 0, kicks=False, polish=False)
+        model = moccasin._Model(graph, order, budget, 2, set(), minimize_budget=True)
+        model.hint(closest.intervals())
+        hinted = dict(zip(model.model.proto.solution_hint.vars, model.model.proto.solution_hint.values))
+        unhinted = [v.name for i, v in enumerate(model.model.proto.variables) if i not in hinted and len(set(v.domain)) > 1]
+        assert not unhinted
+        solver = moccasin._solver(10, 1, 0)
+        solver.parameters.fix_variables_to_their_hinted_value = True
+        assert solver.solve(model.model) == moccasin.cp_model.OPTIMAL
+        assert solver.value(model.capacity) == max(peak_memory(graph, order, closest.intervals()), budget)
+
+
+
+@pytest.mark.parametrize("start, fits", [(300, True), (20000, False)])
+def test_kicks_stop_where_their_pace_would_not_reach_the_budget_in_time(monkeypatch, start, fits):
+    # kicks that each lower the overflow by 1 in 2 ms: 1% of it in every stall window, so only
+    # their pace (about 500 a second, 5 s left) tells 20000 from 300
+    graph, order = training_chain(4)
+    search = moccasin._Repair(graph, order, 3, 2, set())
+    left = {"overflow": start}
+    monkeypatch.setattr(search, "overflow", lambda: left["overflow"])
+    monkeypatch.setattr(search, "_descend", lambda deadline: left["overflow"] == 0)
+
+    def kick():
+        time.sleep(0.002)
+        left["overflow"] -= 1
+
+    monkeypatch.setattr(search, "_kick", kick)
+    began = time.perf_counter()
+    search.run(5.0, kicks=True, stall=(0.5, 0.0, began))
+    took = time.perf_counter() - began
+    if fits:
+        assert left["overflow"] == 0
+    else:
+        assert left["overflow"] > 0 and took < 2.0
