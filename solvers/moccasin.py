@@ -248,6 +248,16 @@ class _Progress(cp_model.CpSolverSolutionCallback):
         if self.stop_at is not None and value <= self.stop_at:
             self.stop_search()
 
+    def rival(self, value: float | None) -> None:
+        """A schedule found beside the search costs ``value`` (integer objective; None: none
+        was): from now on only solutions below it count as progress, and the gap rule
+        measures it. GPT-2's step: CP-SAT went on from the descents' 5.17M towards the
+        polish's 4.01M for 10 s, each step resetting the stall rule's wait, and the plan was
+        the polish's."""
+        if value is not None and (self.best is None or value < self.best):
+            self.best = value
+            self._mark = value if self._mark is None else min(self._mark, value)
+
 
 class _Watch:
     """Stops a CP-SAT search from a second thread (``CpSolver.stop_search`` is thread-safe)
@@ -480,8 +490,13 @@ def solve(
     late = {}
     # the polish runs beside phase two, which begins from the descents' schedule
     beside = late_starts if polished is None else _with_polish(polished, late_starts)
+
+    def worth(found: dict) -> float | None:
+        return min((sum(cheapest.costs[node] * (len(spans) - 1) for node, spans in schedule.items())
+                    for schedule in usable(found).values()), default=None)  # fmt: skip
+
     with _Watch(solver, progress, started, **stopping) as watch:
-        status = _solve_beside(solver, cheapest.model, progress, beside, late)
+        status = _solve_beside(solver, cheapest.model, progress, beside, late, worth)
     stopped = "optimal" if status == cp_model.OPTIMAL else watch.reason or "time_limit"
     trace = [(seconds_to_first, first_cost)]
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.objective_value <= first_scaled:
@@ -522,12 +537,14 @@ def _with_polish(search: _Repair, late_starts: Callable[[], dict] | None) -> Cal
 
 
 def _solve_beside(solver: cp_model.CpSolver, model: cp_model.CpModel, progress, work: Callable[[], dict] | None,
-                  into: dict) -> int:  # fmt: skip
+                  into: dict, worth: Callable[[dict], float | None] = lambda found: None) -> int:  # fmt: skip
     """``solver.solve(model, progress)``, with ``work()`` (when given) run meanwhile in this
     thread and its result put in ``into``; where ``work`` raises, the search is stopped. The
     stall rule's wait counts from when ``work`` is done at the earliest: on two cores the
     polish beside it left CP-SAT too little of them to reach the optimum, 30, of an 80-node
-    graph before the rule stopped it (32 and 33)."""
+    graph before the rule stopped it (32 and 33). ``worth(into)``: the cheapest integer cost
+    of what ``work`` found that can stand as the plan, the search's rival from then on
+    (``_Progress.rival``)."""
     if work is None:
         return solver.solve(model, progress)
     outcome = {}
@@ -542,6 +559,7 @@ def _solve_beside(solver: cp_model.CpSolver, model: cp_model.CpModel, progress, 
     thread.start()
     try:
         into.update(work())
+        progress.rival(worth(into))
         # it shared the cores with the search: the stall rule's wait begins no sooner than now
         progress.improved = max(progress.improved, time.perf_counter())
     except BaseException:

@@ -633,3 +633,41 @@ def test_kicks_stop_where_their_pace_would_not_reach_the_budget_in_time(monkeypa
         assert left["overflow"] == 0
     else:
         assert left["overflow"] > 0 and took < 2.0
+
+
+def test_a_schedule_found_beside_the_search_sets_what_counts_as_its_progress(monkeypatch):
+    class Scripted(moccasin._Progress):
+        value = 0
+
+        @property
+        def objective_value(self):
+            return self.value
+
+    progress = Scripted(0.0, 1.0, best=100)
+    progress.value = 90
+    progress.on_solution_callback()
+    first = progress.improved
+    progress.rival(50)
+    time.sleep(0.01)
+    progress.value = 80  # better than the search's own, not than the rival: no progress
+    progress.on_solution_callback()
+    assert progress.improved == first and progress.best == 50
+    progress.value = 40
+    progress.on_solution_callback()
+    assert progress.improved > first and progress.best == 40
+    progress.rival(None)
+    progress.rival(60)
+    assert progress.best == 40
+
+    # solve names the late start's cost (CP-SAT's integer units) as the rival
+    graph, order = random_layered_graph(60, seed=8, width=6, fan_in=3, skip=0.3)
+    budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.7)
+    found = moccasin.greedy_schedule(graph, order, budget, 3, kicks=False)
+    given = moccasin.greedy_schedule(graph, order, budget, 3, kicks=False, polish=False)
+    rivals = []
+    monkeypatch.setattr(moccasin._Progress, "rival", lambda self, value: rivals.append(value))
+    moccasin.solve(graph, order, budget, intervals_per_node=3, time_limit=0.5, workers=2, local_search=False,
+                   starts={"given": given}, late_starts=lambda: {"min-cut": found,
+                   "over the budget": no_remat_intervals(graph, order)})  # fmt: skip
+    costs, scale = moccasin._integer_costs(graph)
+    assert rivals == [sum(costs[v] * (len(spans) - 1) for v, spans in found.items())]
