@@ -53,9 +53,12 @@ def test_kicks_at_the_most_intervals_where_no_descent_fits(monkeypatch):
     monkeypatch.setattr(plan, "AUTO_INTERVALS", (2,))  # a graph whose descents fail at 2 and kicks do not
     graph, model, budget = _problem(0.6, nodes=200, seed=8)
     assert all(moccasin.greedy_schedule(graph, model.order, budget, i, kicks=False) is None for i in plan.AUTO_INTERVALS)
+    searches, search = [], moccasin._search
+    monkeypatch.setattr(moccasin, "_search", lambda *args, **kwargs: searches.append(args) or search(*args, **kwargs))
     settings, found, kicked = plan._auto_order(graph, model, budget)
     most = max(plan.AUTO_INTERVALS)
     assert settings[0] == most and found is not None and not kicked
+    assert len(searches) == 1  # the kicks go on from the descents: they are not run twice
     validate(graph, model.order, found, budget)
 
 
