@@ -788,10 +788,12 @@ class _Repair:
         ``kicks``, then undo a random third of the recomputations near the worst time and go
         on, until ``patience`` kicks in a row found nothing closer, or (``stall``: seconds,
         share, started) the overflow fell by less than ``SEARCH_GAIN`` of itself for
-        max(seconds, share * time since started), or, after that many seconds of kicks, their
-        pace so far would not bring it to 0 by the time limit (a 1000-node graph at 0.6 of its
-        peak, none found in a minute: 17754 to 16853 in 13 s of kicks, each 2 s window closer
-        by 1% or more); the closest state is kept."""
+        max(seconds, share * time since started), or, after that many seconds of kicks, while
+        the overflow (summed over time) is more than the budget, their pace so far would not
+        bring it to 0 by the time limit (a 1000-node graph at 0.6 of its peak, none found in a
+        minute: 17754 to 16853 in 13 s of kicks, each 2 s window closer by 1% or more; nearer
+        the budget a kick may fit at once: 9 over, then 4, then a fit, in 0.2 s); the closest
+        state is kept."""
         deadline = time.perf_counter() + time_limit
         closest, since_closest = None, 0
         mark, marked = None, time.perf_counter()
@@ -813,7 +815,7 @@ class _Repair:
                 elif now - marked >= max(stall[0], stall[1] * (now - stall[2])):
                     break
                 kicked = kicked or (now, closest[0])
-                if now - kicked[0] >= stall[0]:
+                if closest[0] > self.budget and now - kicked[0] >= stall[0]:
                     pace = (kicked[1] - closest[0]) / (now - kicked[0])
                     if pace * (deadline - now) < closest[0]:
                         break

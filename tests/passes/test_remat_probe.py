@@ -51,6 +51,7 @@ def test_a_schedule_with_one_recomputation_per_tensor_starts_the_fewest_interval
 
 def test_kicks_at_the_most_intervals_where_no_descent_fits(monkeypatch):
     monkeypatch.setattr(plan, "AUTO_INTERVALS", (2,))  # a graph whose descents fail at 2 and kicks do not
+    monkeypatch.setattr(plan, "_PROBE_SECONDS", 30.0)  # a loaded machine's descents leave the kicks their time
     graph, model, budget = _problem(0.6, nodes=200, seed=8)
     assert all(moccasin.greedy_schedule(graph, model.order, budget, i, kicks=False) is None for i in plan.AUTO_INTERVALS)
     searches, search = [], moccasin._search
