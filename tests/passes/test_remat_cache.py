@@ -125,6 +125,7 @@ def test_a_bad_cache_file_is_ignored_with_a_warning_and_solved_again(plans, edit
     assert third["plan_cache"] == "hit"
 
 
+@pytest.mark.slow  # kept out of make test's 6 minutes
 def test_cache_off_neither_reads_nor_writes(plans):
     off, _ = planned(cache=False)
     assert off["plan_cache"] == "off" and not list(plans.glob("*.json"))

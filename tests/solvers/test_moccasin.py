@@ -245,6 +245,7 @@ def test_bad_problems_are_refused():
         moccasin.solve(graph, order, 10)
 
 
+@pytest.mark.slow  # kept out of make test's 6 minutes
 def test_greedy_start_is_valid_when_it_finds_a_schedule():
     found = 0
     for seed in range(8):
@@ -427,6 +428,7 @@ def test_early_stopping_says_why():
     assert above.check(1.0) == "bound"
 
 
+@pytest.mark.slow  # kept out of make test's 6 minutes
 def test_early_stopping_stops_well_before_the_time_limit_and_says_why():
     graph, order = random_layered_graph(300, seed=5, width=8, fan_in=4, skip=0.3)
     budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.8)
