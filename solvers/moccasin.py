@@ -483,20 +483,21 @@ def solve(
     cheapest.hint(first)
     left = time_limit - (time.perf_counter() - started)
     solver = _solver(left, workers, seed)
+
     # Compared on CP-SAT's integer costs: the scaled float costs round differently, and a
     # proved optimum equal to the hint must not read as worse than it.
-    first_scaled = sum(cheapest.costs[node] * (len(spans) - 1) for node, spans in first.items())
+    def scaled(spans: dict) -> int:
+        return sum(cheapest.costs[node] * (len(spans[node]) - 1) for node in spans)
+
+    first_scaled = scaled(first)
     progress = _Progress(started, cheapest.scale, best=first_scaled)
     late = {}
-    # the polish runs beside phase two, which begins from the descents' schedule
+    # the polish runs beside phase two, which begins from the descents' schedule; what it and
+    # the late starts find is the search's rival once they are done
     beside = late_starts if polished is None else _with_polish(polished, late_starts)
-
-    def worth(found: dict) -> float | None:
-        return min((sum(cheapest.costs[node] * (len(spans) - 1) for node, spans in schedule.items())
-                    for schedule in usable(found).values()), default=None)  # fmt: skip
-
     with _Watch(solver, progress, started, **stopping) as watch:
-        status = _solve_beside(solver, cheapest.model, progress, beside, late, worth)
+        status = _solve_beside(solver, cheapest.model, progress, beside, late,
+                               lambda found: min(map(scaled, usable(found).values()), default=None))  # fmt: skip
     stopped = "optimal" if status == cp_model.OPTIMAL else watch.reason or "time_limit"
     trace = [(seconds_to_first, first_cost)]
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and solver.objective_value <= first_scaled:

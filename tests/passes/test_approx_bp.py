@@ -551,6 +551,7 @@ def test_unguarded_deep_silu_network_loses_the_gradient():
     assert report.numerics.grad_cosine < 0.9
 
 
+@pytest.mark.slow  # kept out of make test's 6 minutes
 def test_guard_keeps_the_worst_activations_exact_until_the_gradient_cosine_is_reached():
     model, x = _deep_silu()
     unguarded = optimize(model, [ApproxBP(min_cosine=0)], (x,)).report["approx_bp"]

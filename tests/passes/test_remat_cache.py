@@ -61,6 +61,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache.cache_dir() == tmp_path / "home" / ".cache" / "rewrite" / "plans"
 
 
+@pytest.mark.slow  # kept out of make test's 6 minutes
 def test_the_same_step_again_is_a_hit_with_the_same_schedule(plans, monkeypatch):
     first, intervals = planned()
     assert first["plan_cache"] == "miss" and first["recompute_cost"] > 0

@@ -390,6 +390,7 @@ def test_the_search_kicks_only_where_asked_and_no_start_fits(monkeypatch):
     assert given.objective <= given.start_costs["given"]
 
 
+@pytest.mark.slow  # kept out of make test's 6 minutes
 def test_phase_one_is_hinted_into_phase_two_on_a_thousand_nodes():
     graph, order = random_layered_graph(1000, seed=1000, width=8, fan_in=4, skip=0.3)
     budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.8)
@@ -510,6 +511,7 @@ def test_where_nothing_else_helps_a_chain_is_recomputed_where_there_is_room(monk
     assert moccasin.greedy_schedule(graph, order, budget, 2, kicks=False) is None
 
 
+@pytest.mark.slow  # kept out of make test's 6 minutes
 def test_a_search_that_found_no_schedule_says_whether_time_or_the_stall_rule_ended_it():
     graph, order = random_layered_graph(200, seed=8, width=6, fan_in=3, skip=0.3)
     budget = int(peak_memory(graph, order, no_remat_intervals(graph, order)) * 0.3)
